@@ -1,0 +1,26 @@
+# The two commands of the README:  make example   |   make test
+VENV ?= .venv
+PY := $(VENV)/bin/python
+EX := examples/camvid
+
+.PHONY: setup example test bench clean
+
+setup: $(VENV)/.installed
+
+# torch is pinned to the CPU build (a wheel on local disk here); an unpinned torch pulls CUDA.
+$(VENV)/.installed: pyproject.toml
+	python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e '.[test]'
+	touch $@
+
+example: setup
+	$(VENV)/bin/dhr-label refine --cams $(EX)/cams.h5 --feats $(EX)/feats.h5 --classes camvid --out $(EX)/out/masks
+	$(VENV)/bin/dhr-label score --pred $(EX)/out/masks --gt $(EX)/gt --classes camvid
+
+test: setup
+	$(PY) -m pytest -q
+
+clean:
+	rm -rf $(EX)/out .pytest_cache

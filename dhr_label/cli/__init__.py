@@ -1,0 +1,10 @@
+"""The ``dhr-label`` command line: one module per command, all on :data:`app.app`."""
+from __future__ import annotations
+
+from .app import app
+
+
+
+def main() -> None:
+    """Entry point of the ``dhr-label`` console script."""
+    app()

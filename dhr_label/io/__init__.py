@@ -1,0 +1,1 @@
+"""File formats: the HDF5 contract, PNG masks and images, run manifests."""

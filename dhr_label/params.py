@@ -1,0 +1,144 @@
+"""The one place where DHR's algorithm parameters and their defaults live.
+
+Every number comes from ``ALGORITHM.md`` (the paper, or the released code where the paper is
+silent). The CLI fills a :class:`DHRParams`; nothing else keeps its own copy of a default.
+"""
+from __future__ import annotations
+
+import dataclasses
+import enum
+from dataclasses import dataclass, field
+
+
+class CapMode(str, enum.Enum):
+    """How class-level average pooling (CAP) weighs a feature cell."""
+
+    soft = "soft"  # by the fraction of the cell's pixels labelled with the class (ours)
+    majority = "majority"  # by a majority vote per cell (the released code)
+
+
+class Marginal(str, enum.Enum):
+    """Class marginal of an optimal-transport call."""
+
+    uniform = "uniform"  # 1/K per class (the paper)
+    area = "area"  # each class's share of M_init's pixels, floored, renormalised
+    unbalanced = "unbalanced"  # KL-relaxed class marginal around the uniform one
+
+
+@dataclass(frozen=True)
+class Steps:
+    """Ablation switches: which parts of DHR run (paper Table 6).
+
+    ``ot``: OT re-weighting of the CAMs in Step 1; ``crf``: DenseCRF of the Step-1 seed;
+    ``uss`` / ``wss``: the two rebalancing sources of Steps 2/3. ``init``: Step 1 runs at all
+    (row 1 is the base mask unchanged).
+    """
+
+    init: bool = True
+    ot: bool = True
+    crf: bool = True
+    uss: bool = True
+    wss: bool = True
+
+    @property
+    def rebalance(self) -> bool:
+        """Whether Steps 2/3 run (either feature source on)."""
+        return self.uss or self.wss
+
+    @classmethod
+    def row(cls, row: int) -> "Steps":
+        """The switches of row ``row`` (1-7) of the paper's Table 6."""
+        if row not in ABLATION_ROWS:
+            raise ValueError(f"ablation row must be 1..7, got {row}")
+        return ABLATION_ROWS[row]
+
+
+ABLATION_ROWS: dict[int, Steps] = {
+    1: Steps(init=False, ot=False, crf=False, uss=False, wss=False),
+    2: Steps(ot=True, crf=False, uss=False, wss=False),
+    3: Steps(ot=False, crf=True, uss=False, wss=False),
+    4: Steps(ot=True, crf=True, uss=False, wss=False),
+    5: Steps(ot=True, crf=True, uss=True, wss=False),
+    6: Steps(ot=True, crf=True, uss=False, wss=True),
+    7: Steps(),
+}
+
+
+@dataclass(frozen=True)
+class CRFParams:
+    """DenseCRF R_C: the released code's defaults (core/refinements/densecrf.py)."""
+
+    iterations: int = 10
+    gauss_sxy: float = 1.0
+    gauss_compat: float = 3.0
+    bilateral_sxy: float = 67.0
+    bilateral_srgb: float = 3.0
+    bilateral_compat: float = 4.0
+    unary_clip: float = 1e-5
+
+
+@dataclass(frozen=True)
+class OTParams:
+    """Entropic optimal transport f_OT (Eq. 2)."""
+
+    eps: float = 0.1
+    tol: float = 1e-5  # L1 error of the class marginal, checked every ``check_every`` iterations
+    max_iter: int = 1000
+    check_every: int = 10
+    minmax_clip: float = 1e-5  # denominator clip of the per-class min-max (released code)
+
+
+@dataclass(frozen=True)
+class DHRParams:
+    """All parameters of one DHR refinement (ALGORITHM.md)."""
+
+    ot: OTParams = field(default_factory=OTParams)
+    crf: CRFParams = field(default_factory=CRFParams)
+    steps: Steps = field(default_factory=Steps)
+    gamma: float = 1.0  # background score exponent of Step 1 (CLIP-ES)
+    rho: float = 0.5  # Step 1 integration: a tag is "lost" below this overlap ratio
+    tau: float = 0.8  # Step 3 grouping threshold on USS centroid correlation
+    cap: CapMode = CapMode.soft
+    marginal_init: Marginal = Marginal.uniform  # class marginal of the Step-1 OT
+    marginal_rebalance: Marginal = Marginal.area  # class marginal of the Step-2/3 OT calls
+    marginal_floor: float = 0.01  # floor of the ``area`` marginal before renormalising
+    marginal_kl: float = 0.1  # KL weight of the ``unbalanced`` marginal
+
+    def __post_init__(self) -> None:
+        problems = []
+        if not self.ot.eps > 0:
+            problems.append(f"eps must be > 0, got {self.ot.eps}")
+        if not self.ot.tol > 0:
+            problems.append(f"OT tol must be > 0, got {self.ot.tol}")
+        if self.ot.max_iter < 1:
+            problems.append(f"OT max_iter must be >= 1, got {self.ot.max_iter}")
+        if not 0.0 <= self.rho <= 1.0:
+            problems.append(f"rho must be in [0, 1], got {self.rho}")
+        if not 0.0 <= self.tau <= 1.0:
+            problems.append(f"tau must be in [0, 1], got {self.tau}")
+        if not self.gamma > 0:
+            problems.append(f"gamma must be > 0, got {self.gamma}")
+        if not 0.0 <= self.marginal_floor < 1.0:
+            problems.append(f"marginal floor must be in [0, 1), got {self.marginal_floor}")
+        if not self.marginal_kl > 0:
+            problems.append(f"marginal KL weight must be > 0, got {self.marginal_kl}")
+        if self.crf.iterations < 0:
+            problems.append(f"CRF iterations must be >= 0, got {self.crf.iterations}")
+        if problems:
+            raise ValueError("; ".join(problems))
+
+    def to_dict(self) -> dict:
+        """JSON-ready view (enums as their values), for manifests."""
+
+        def plain(value):
+            if isinstance(value, enum.Enum):
+                return value.value
+            if isinstance(value, dict):
+                return {k: plain(v) for k, v in value.items()}
+            return value
+
+        return plain(dataclasses.asdict(self))
+
+    def replace(self, **changes) -> "DHRParams":
+        """A copy with ``changes`` applied (the dataclass is frozen)."""
+        return dataclasses.replace(self, **changes)
