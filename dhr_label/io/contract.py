@@ -33,7 +33,7 @@ def check_id(image_id: str, source: str) -> None:
         )
 
 
-def _open(path: Path, expected_format: str, what: str) -> h5py.File:
+def _open(path: Path, expected_formats: tuple[str, ...], what: str) -> h5py.File:
     path = Path(path)
     if not path.exists():
         raise FileLevelError(f"{what} file {path} does not exist")
@@ -49,10 +49,10 @@ def _open(path: Path, expected_format: str, what: str) -> h5py.File:
     found = handle.attrs.get("format")
     if isinstance(found, bytes):
         found = found.decode()
-    if found != expected_format:
+    if found not in expected_formats:
         handle.close()
         raise FileLevelError(
-            f"{what} file {path}: root attribute 'format' should be {expected_format!r}, found {found!r}"
+            f"{what} file {path}: root attribute 'format' should be {expected_formats[0]!r}, found {found!r}"
         )
     version = handle.attrs.get("version")
     try:
@@ -83,9 +83,14 @@ class _ContractFile:
         self.version = int(handle.attrs["version"])
 
     @classmethod
-    def open(cls, path: Path):
-        """Open ``path`` read-only, checking its ``format`` and ``version`` attributes."""
-        return cls(path, _open(path, cls.expected_format, cls.what))
+    def open(cls, path: Path, *, combined: bool = False):
+        """Open ``path`` read-only, checking its ``format`` and ``version`` attributes.
+
+        ``combined``: the file is also used as the other side of the contract (cams and
+        feats in one file, FORMATS.md), so either ``format`` value is accepted.
+        """
+        formats = (cls.expected_format,) + ((FORMAT_CAMS, FORMAT_FEATS) if combined else ())
+        return cls(path, _open(path, formats, cls.what))
 
     def close(self) -> None:
         self._h5.close()
