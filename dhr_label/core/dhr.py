@@ -5,6 +5,7 @@ rows of Table 6 and the tests can call them one by one.
 """
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -27,6 +28,7 @@ class Refinement:
     seed: np.ndarray | None = None  # M_seed
     restored: list[int] = field(default_factory=list)  # tags restored from the seed (Step 1.5)
     groups: list[list[int]] = field(default_factory=list)  # WSS groups with 2+ members (Step 3.1)
+    timings: dict[str, float] = field(default_factory=dict)  # seconds per step, for profiling
 
 
 def _ot(scores: np.ndarray, params: DHRParams, marginal: np.ndarray | None, kl: bool) -> np.ndarray:
@@ -172,14 +174,16 @@ def rebalance(
     wss: list[np.ndarray] | None,
     params: DHRParams,
     crf: ImageCRF | None,
-) -> tuple[np.ndarray, list[list[int]]]:
+) -> tuple[np.ndarray, list[list[int]], dict[str, float]]:
     """Steps 2-3: the rebalanced mask M_dh (or the row 5 / row 6 ablations).
 
-    Returns the mask (H x W uint8) and the WSS groups used (lists of class ids).
+    Returns the mask (H x W uint8), the WSS groups used (lists of class ids) and the seconds
+    spent on heat maps, OT and the final CRF.
     """
     classes = np.unique(init[init != IGNORE]).astype(np.int64)
     if len(classes) <= 1:
-        return init.copy(), []
+        return init.copy(), [], {}
+    t0 = time.perf_counter()
     clip = params.ot.minmax_clip
     steps = params.steps
     floor = params.marginal_floor
@@ -196,6 +200,7 @@ def rebalance(
         grid = wss[0].shape[1:]
     if steps.wss:
         s_ws = wss_heat_maps(wss, grid, init, classes, params.cap, clip)
+    t1 = time.perf_counter()
     if steps.uss and steps.wss:
         for members in correlated_groups(centroids, params.tau):
             index = np.asarray(members)
@@ -204,9 +209,12 @@ def rebalance(
     elif steps.wss:  # Table 6 row 6: WSS alone
         heat = s_ws
     heat = minmax_rows(heat * ot_over(heat, classes), clip)
+    t2 = time.perf_counter()
     up = resize_bilinear(heat.reshape(len(classes), *grid), init.shape)
     winner = crf.labels(up) if crf is not None else np.argmax(up, axis=0)
-    return classes[winner].astype(np.uint8), groups
+    mask = classes[winner].astype(np.uint8)
+    timings = {"heat_maps": t1 - t0, "ot": t2 - t1, "crf2": time.perf_counter() - t2}
+    return mask, groups, timings
 
 
 def refine(
@@ -244,11 +252,16 @@ def refine(
         if base is None:
             raise ValueError("Table 6 row 1 outputs the base mask, and this image has none")
         return Refinement(mask=base.copy())
+    t0 = time.perf_counter()
     crf = ImageCRF(image, params.crf)
     scores = seed_scores(cam, params, base, labels)  # Step 1.1-1.2
+    t1 = time.perf_counter()
     seed = seed_mask(scores, labels, background, params, crf)  # Step 1.3-1.4
+    t2 = time.perf_counter()
     init, restored = integrate(seed, base, labels, params.rho)  # Step 1.5
+    timings = {"step1_ot": t1 - t0, "crf1": t2 - t1, "integrate": time.perf_counter() - t2}
     if not steps.rebalance:
-        return Refinement(mask=init, init=init, seed=seed, restored=restored)
-    mask, groups = rebalance(init, uss, wss, params, crf)  # Steps 2-3
-    return Refinement(mask=mask, init=init, seed=seed, restored=restored, groups=groups)
+        return Refinement(mask=init, init=init, seed=seed, restored=restored, timings=timings)
+    mask, groups, more = rebalance(init, uss, wss, params, crf)  # Steps 2-3
+    timings.update(more)
+    return Refinement(mask=mask, init=init, seed=seed, restored=restored, groups=groups, timings=timings)

@@ -1,0 +1,155 @@
+"""Everything one image needs, gathered from the HDF5 files and the directories, validated."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+from ..errors import InputError
+from ..params import Steps
+from .contract import CamsFile, FeatsFile, check_label_map
+from .masks import read_mask
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".JPG", ".JPEG", ".PNG")
+
+
+@dataclass
+class ImageInputs:
+    """Validated inputs of one image; ``notes`` says what was adapted (e.g. RGBA -> RGB)."""
+
+    image_id: str
+    cam: np.ndarray  # K x h x w float32
+    labels: np.ndarray  # K int64
+    image: np.ndarray  # H x W x 3 uint8
+    base: np.ndarray | None  # H x W uint8
+    uss: np.ndarray | None  # D x h x w float32
+    wss: list[np.ndarray] | None  # each D_l x h_l x w_l float32
+    notes: list[str] = field(default_factory=list)
+
+
+def find_image(directory: Path, image_id: str) -> Path | None:
+    """``<id>.jpg|.jpeg|.png`` in ``directory`` (first found), or None."""
+    for suffix in IMAGE_SUFFIXES:
+        candidate = directory / f"{image_id}{suffix}"
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def load_image_file(path: Path, image_id: str, notes: list[str]) -> np.ndarray:
+    """An image file as H x W x 3 uint8; grey, palette, RGBA and 16-bit are converted, noted."""
+    try:
+        with Image.open(path) as img:
+            img.load()
+            mode = img.mode
+            if mode == "RGB":
+                return np.asarray(img, dtype=np.uint8).copy()
+            if mode in ("I;16", "I;16B", "I;16L", "I"):
+                grey = np.asarray(img).astype(np.int64)
+                scale = 257 if grey.max(initial=0) > 255 else 1
+                data = np.clip(grey // scale, 0, 255).astype(np.uint8)
+                notes.append(f"image {path.name}: {mode} (16-bit grey) scaled to 8-bit RGB")
+                return np.repeat(data[:, :, None], 3, axis=2)
+            notes.append(f"image {path.name}: mode {mode} converted to RGB")
+            return np.asarray(img.convert("RGB"), dtype=np.uint8).copy()
+    except (OSError, UnidentifiedImageError, ValueError) as exc:
+        raise InputError(image_id, str(path), f"cannot decode the image: {exc}") from None
+
+
+def _aspect_agrees(grid: tuple[int, int], size: tuple[int, int]) -> bool:
+    """A feature grid h x w fits an H x W image when either side matches the other's ratio
+    within one cell (the rounding of a strided network)."""
+    h, w = grid
+    height, width = size
+    return abs(h - height * w / width) <= 1.0 + 1e-6 or abs(w - width * h / height) <= 1.0 + 1e-6
+
+
+def check_grid(image_id: str, source: str, grid: tuple[int, int], size: tuple[int, int]) -> None:
+    """Raise unless a map's grid agrees with the image's aspect ratio."""
+    if not _aspect_agrees(grid, size):
+        raise InputError(
+            image_id,
+            source,
+            f"a {grid[0]} x {grid[1]} map does not fit the aspect ratio of the "
+            f"{size[0]} x {size[1]} image (expected h/w = {size[0] / size[1]:.3f} within one cell)",
+        )
+
+
+def load_inputs(
+    image_id: str,
+    cams: CamsFile,
+    feats: FeatsFile | None,
+    *,
+    steps: Steps,
+    images_dir: Path | None = None,
+    base_dir: Path | None = None,
+) -> ImageInputs:
+    """Gather and validate one image's inputs for the steps that will run.
+
+    A directory given on the command line wins over the dataset in the file (FORMATS.md).
+
+    Raises
+    ------
+    InputError
+        Naming the image, the file or dataset, and expected vs found.
+    """
+    notes: list[str] = []
+    cam, labels = cams.read_cam(image_id)
+
+    if images_dir is not None:
+        path = find_image(Path(images_dir), image_id)
+        if path is None:
+            raise InputError(image_id, str(images_dir), f"no image {image_id}.jpg|.jpeg|.png in this directory")
+        image = load_image_file(path, image_id, notes)
+    else:
+        image = cams.read_image(image_id)
+        if image is None:
+            raise InputError(
+                image_id, f"{cams.path}:/{image_id}/image", "no image in the file and no --images directory given"
+            )
+    size = image.shape[:2]
+
+    base = None
+    base_source = ""
+    if base_dir is not None:
+        path = Path(base_dir) / f"{image_id}.png"
+        base_source = str(path)
+        if not path.is_file():
+            raise InputError(image_id, str(base_dir), f"no base mask {image_id}.png in this directory")
+        try:
+            raw = read_mask(path)
+        except (OSError, ValueError) as exc:
+            raise InputError(image_id, base_source, f"cannot read the base mask: {exc}") from None
+        base = check_label_map(raw, cams.num_classes, cams.ignore_index, image_id, base_source)
+    elif steps.init or not steps.rebalance:
+        base = cams.read_base(image_id)
+        base_source = f"{cams.path}:/{image_id}/base"
+    if base is not None and base.shape != size:
+        raise InputError(
+            image_id, base_source, f"expected a {size[0]} x {size[1]} mask (the image's size), found {base.shape[0]} x {base.shape[1]}"
+        )
+    if base is not None and cams.ignore_index != 255:
+        base = np.where(base == cams.ignore_index, 255, base).astype(np.uint8)
+    if base is None:
+        if not steps.init:
+            raise InputError(image_id, base_source or str(cams.path), "ablation row 1 outputs the base mask, and none was found")
+        notes.append("no base mask: seed only (M_init = M_seed)")
+
+    check_grid(image_id, f"{cams.path}:/{image_id}/cam", cam.shape[1:], size)
+
+    uss = wss = None
+    if steps.init and steps.rebalance:
+        if feats is None:
+            raise InputError(image_id, "--feats", "Steps 2/3 need a feats file")
+        if steps.uss:
+            uss = feats.read_uss(image_id, notes)
+            check_grid(image_id, f"{feats.path}:/{image_id}/uss", uss.shape[1:], size)
+        if steps.wss:
+            layers = feats.read_wss(image_id, notes)
+            for name, layer in layers:
+                where = "wss" if name == "wss" else f"wss/{name}"
+                check_grid(image_id, f"{feats.path}:/{image_id}/{where}", layer.shape[1:], size)
+            wss = [layer for _, layer in layers]
+    return ImageInputs(image_id, cam, labels, image, base, uss, wss, notes)
