@@ -159,7 +159,9 @@ def correlated_groups(centroids: np.ndarray, tau: float) -> list[list[int]]:
     Indices refer to rows of ``centroids``; tau = 1 gives no group (WSS balancing off).
     """
     unit = l2_normalise(centroids, 1)
-    corr = np.maximum(unit @ unit.T, 0.0)
+    # Clipped at 1: float32 rounding puts the cosine of parallel centroids just above 1,
+    # which would make tau = 1 group them instead of switching WSS balancing off.
+    corr = np.clip(unit @ unit.T, 0.0, 1.0)
     groups = []
     for i in range(len(centroids)):
         members = [i] + [j for j in range(i + 1, len(centroids)) if corr[i, j] > tau]
