@@ -56,7 +56,8 @@ def class_cell_fractions(
         raise ValueError(f"mode must be 'soft' or 'majority', got {mode!r}")
     unlabelled = pixels_per_cell - counts.sum(axis=0)
     winner = np.argmax(counts, axis=0)
-    wins = (counts[winner, np.arange(n_cells)] > unlabelled) & (pixels_per_cell > 0)
+    # >=: a tie with the unlabelled pixels goes to the class (the lower id, as documented).
+    wins = (counts[winner, np.arange(n_cells)] >= unlabelled) & (counts.sum(axis=0) > 0)
     weights = np.zeros((len(classes), n_cells), dtype=np.float32)
     weights[winner[wins], np.nonzero(wins)[0]] = 1.0
     return weights
