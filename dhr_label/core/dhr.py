@@ -254,6 +254,10 @@ def refine(
         if base is None:
             raise ValueError("Table 6 row 1 outputs the base mask, and this image has none")
         return Refinement(mask=base.copy())
+    if steps.uss and uss is None:
+        raise ValueError("Step 2 (USS rebalancing) is switched on and no USS features were given")
+    if steps.wss and not wss:
+        raise ValueError("Step 3 (WSS rebalancing) is switched on and no WSS layers were given")
     t0 = time.perf_counter()
     crf = ImageCRF(image, params.crf)
     scores = seed_scores(cam, params, base, labels)  # Step 1.1-1.2
