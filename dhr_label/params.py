@@ -118,8 +118,9 @@ class DHRParams:
             problems.append(f"tau must be in [0, 1], got {self.tau}")
         if not self.gamma > 0:
             problems.append(f"gamma must be > 0, got {self.gamma}")
-        if not 0.0 <= self.marginal_floor < 1.0:
-            problems.append(f"marginal floor must be in [0, 1), got {self.marginal_floor}")
+        # > 0: a zero share is not a valid OT marginal (a tag absent from the mask gets one).
+        if not 0.0 < self.marginal_floor < 1.0:
+            problems.append(f"marginal floor must be in (0, 1), got {self.marginal_floor}")
         if not self.marginal_kl > 0:
             problems.append(f"marginal KL weight must be > 0, got {self.marginal_kl}")
         if self.crf.iterations < 0:
