@@ -82,7 +82,7 @@ class OTParams:
     """Entropic optimal transport f_OT (Eq. 2)."""
 
     eps: float = 0.1
-    tol: float = 1e-5  # L1 error of the class marginal, checked every ``check_every`` iterations
+    tol: float = 1e-5  # L1 error of the cell marginal, checked every ``check_every`` iterations
     max_iter: int = 1000
     check_every: int = 10
     minmax_clip: float = 1e-5  # denominator clip of the per-class min-max (released code)
