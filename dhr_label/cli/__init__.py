@@ -1,8 +1,8 @@
 """The ``dhr-label`` command line: one module per command, all on :data:`app.app`."""
 from __future__ import annotations
 
+from . import inspect, refine, score, show  # noqa: F401  (each module registers its command)
 from .app import app
-
 
 
 def main() -> None:

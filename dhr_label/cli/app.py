@@ -6,12 +6,23 @@ failure (some image or file failed), 2 usage error (Typer's default), 130 interr
 """
 from __future__ import annotations
 
+import contextlib
 import functools
+import json
 import sys
 import traceback
+from pathlib import Path
 
 import typer
 from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
 
 from ..errors import DHRLabelError
 
@@ -19,6 +30,10 @@ EXIT_OK = 0
 EXIT_FAILED = 1
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
+
+#: Where ``refine`` writes masks and ``score`` / ``show`` look for them unless told otherwise,
+#: so that ``refine ...`` then ``score --gt gt/`` chain.
+DEFAULT_MASKS_DIR = Path("masks")
 
 app = typer.Typer(
     name="dhr-label",
@@ -77,3 +92,41 @@ def guarded(command):
             ) from None
 
     return wrapper
+
+
+class _Advance:
+    """``advance(n)`` moves the bar by n; ``advance.total(n)`` sets the total once known."""
+
+    def __init__(self, progress: Progress, task):
+        self._progress, self._task = progress, task
+
+    def __call__(self, n: int = 1) -> None:
+        self._progress.advance(self._task, n)
+
+    def total(self, n: int) -> None:
+        self._progress.update(self._task, total=n)
+
+
+@contextlib.contextmanager
+def progress_bar(description: str, total: int | None):
+    """A Rich progress bar on stderr; yields an :class:`_Advance` for the work loop."""
+    columns = (
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        TextColumn("eta"),
+        TimeRemainingColumn(),
+    )
+    with Progress(*columns, console=err_console, transient=True) as progress:
+        yield _Advance(progress, progress.add_task(description, total=total))
+
+
+def print_json(document: dict) -> None:
+    """Exactly one JSON document on stdout (NaN is not JSON: reports hold None instead)."""
+    sys.stdout.write(json.dumps(document, indent=2, allow_nan=False) + "\n")
+
+
+def percent(value: float | None, digits: int = 1) -> str:
+    """``81.5`` for 0.815, ``-`` for an undefined value."""
+    return "-" if value is None else f"{100 * value:.{digits}f}"

@@ -1,0 +1,268 @@
+"""``dhr-label score``: how good are my masks? Exact scores against ground truth."""
+from __future__ import annotations
+
+import csv
+import io
+from pathlib import Path
+from typing import Annotated, Optional
+
+import numpy as np
+import typer
+from rich.table import Table
+
+from ..evaluate import (
+    Matching,
+    ScoreRun,
+    compare_report,
+    first_ids,
+    ground_truth,
+    match,
+    missing_error,
+    score_pairs,
+    score_report,
+    select,
+)
+from ..io.atomic import write_bytes_atomic
+from ..io.ids import read_ids
+from ..presets import IGNORE_INDEX, Preset, resolve_preset
+from ..runtime.parallel import default_workers
+from ..visual import encode_png, render_confusion
+from .app import (
+    DEFAULT_MASKS_DIR,
+    EXIT_FAILED,
+    app,
+    err_console,
+    fail,
+    guarded,
+    out_console,
+    percent,
+    print_json,
+    progress_bar,
+)
+
+#: Failures listed one a line before "... and N more".
+SHOWN_FAILURES = 50
+
+DirOption = dict(exists=True, file_okay=False, dir_okay=True, readable=True)
+
+
+@app.command()
+@guarded
+def score(
+    gt: Annotated[Path, typer.Option("--gt", help="Ground-truth masks <id>.png (255 = ignore).", **DirOption)],
+    pred: Annotated[Path, typer.Option("--pred", help="Predicted masks <id>.png (refine's --out).", **DirOption)] = DEFAULT_MASKS_DIR,
+    classes: Annotated[str, typer.Option("--classes", help="Dataset preset (voc, coco, context, context59, ade, stuff, camvid) or a class-list file.")] = "voc",
+    ids: Annotated[Optional[Path], typer.Option("--ids", help="Score only these ids (one a line); default: every ground-truth mask.", exists=True, dir_okay=False)] = None,
+    allow_missing: Annotated[bool, typer.Option("--allow-missing", help="Score a ground truth without prediction as all-wrong (reported) instead of failing.")] = False,
+    compare: Annotated[Optional[Path], typer.Option("--compare", help="A second prediction directory to report side by side (deltas = PRED - COMPARE).", **DirOption)] = None,
+    top: Annotated[int, typer.Option("--top", min=0, help="With --compare: how many images that gained and lost most to list.")] = 10,
+    json_out: Annotated[bool, typer.Option("--json", help="Print exactly one JSON document on stdout instead of tables.")] = False,
+    csv_dir: Annotated[Optional[Path], typer.Option("--csv", help="Also write per-class, per-image and confusion CSVs and a confusion PNG here.", file_okay=False)] = None,
+    workers: Annotated[int, typer.Option("--workers", min=1, help="Worker processes (default: all cores).")] = default_workers(),
+) -> None:
+    """Score predicted masks against ground truth: mIoU, per-class IoU, precision, recall,
+    accuracies, fwIoU, FP/FN rates and the vanished (image, class) rate, from exact int64
+    confusion matrices. A ground truth without prediction is an error unless --allow-missing.
+    """
+    preset = resolve_preset(classes)
+    all_gt = ground_truth(gt)
+    chosen = all_gt if ids is None else select(all_gt, read_ids(ids), gt_dir=gt)
+    matchings = [match(chosen, d, known=set(all_gt)) for d in [pred] + ([compare] if compare else [])]
+    for matching in matchings:
+        if matching.missing and not allow_missing:
+            raise missing_error(matching)
+    reports, runs = [], []
+    for matching in matchings:
+        _notes(matching)
+        run = _run(matching, preset, workers)
+        runs.append(run)
+        reports.append(score_report(run, matching, preset, gt_dir=gt))
+    comparison = compare_report(reports[0], reports[1], top=top) if compare else None
+
+    if csv_dir is not None:
+        written = _write_csvs(csv_dir, reports[0], runs[0].confusion, comparison)
+        err_console.print(f"wrote {', '.join(str(p) for p in written)}", soft_wrap=True)
+    if json_out:
+        document = dict(reports[0])
+        if comparison is not None:
+            document["comparison"] = comparison
+        print_json(document)
+        return
+    _print_scores(reports[0], preset)
+    if comparison is not None:
+        _print_comparison(comparison, reports[0], reports[1], preset)
+
+
+def _notes(matching: Matching) -> None:
+    if matching.unknown:
+        err_console.print(
+            f"note: {len(matching.unknown)} masks in {matching.pred_dir} have no ground truth and "
+            f"are not scored (first: {first_ids(matching.unknown)})", soft_wrap=True,
+        )
+    if matching.missing:
+        err_console.print(
+            f"warning: {len(matching.missing)} of {len(matching.pairs)} ground-truth masks have no "
+            f"prediction in {matching.pred_dir}; scored as all-wrong "
+            f"(first: {first_ids(matching.missing)})", style="yellow", soft_wrap=True,
+        )
+
+
+def _run(matching: Matching, preset: Preset, workers: int) -> ScoreRun:
+    with progress_bar(f"scoring {matching.pred_dir}", len(matching.pairs)) as advance:
+        run = score_pairs(matching.pairs, num_classes=preset.num_classes,
+                          ignore_index=IGNORE_INDEX, workers=workers, on_images=advance)
+    if run.failures:
+        for failure in run.failures[:SHOWN_FAILURES]:
+            err_console.print(f"error: {failure}", style="red", soft_wrap=True, markup=False)
+        if len(run.failures) > SHOWN_FAILURES:
+            err_console.print(f"... and {len(run.failures) - SHOWN_FAILURES} more", style="red")
+        raise fail(
+            f"{len(run.failures)} of {len(matching.pairs)} images in {matching.pred_dir} could "
+            "not be scored; no score is printed, since one over the rest would mislead",
+            EXIT_FAILED,
+        )
+    return run
+
+
+def _vanished(row: dict) -> str:
+    return f"{row['vanished_pairs']}/{row['eligible_pairs']}" if row["eligible_pairs"] else "-"
+
+
+def _print_scores(report: dict, preset: Preset) -> None:
+    images = report["images"]
+    table = Table(
+        title=f"{report['pred']} vs {report['gt']}: {images['scored']} images, preset {preset.name}",
+        caption="% per class; FPR = FP/(FP+TN), FNR = FN/(FN+TP); FP/U, FN/U: over the union "
+        "(PSA/IRN/DHR code); vanished: pairs with IoU < 0.1 / GT pairs >= 0.1 % of the image",
+    )
+    table.add_column("class")
+    for name in ("IoU", "prec", "recall", "FPR", "FNR", "FP/U", "FN/U"):
+        table.add_column(name, justify="right")
+    table.add_column("vanished", justify="right")
+    for row in report["per_class"]:
+        if not row["present"]:
+            table.add_row(row["name"], "absent", *[""] * 6, "-", style="dim")
+            continue
+        table.add_row(row["name"], *(percent(row[k]) for k in (
+            "iou", "precision", "recall", "fpr", "fnr", "fp_union", "fn_union")), _vanished(row))
+    out_console.print(table)
+
+    s = report["summary"]
+    v = s["vanished"]
+    lines = [
+        f"mIoU {percent(s['miou'], 2)}  (over {s['classes_present']} classes present in GT or "
+        f"prediction; absent ones excluded)",
+        f"pixel accuracy {percent(s['pixel_accuracy'], 2)}   mean accuracy "
+        f"{percent(s['mean_accuracy'], 2)}   mean precision {percent(s['mean_precision'], 2)}   "
+        f"fwIoU {percent(s['fwiou'], 2)}",
+        f"mean FPR {percent(s['mean_fpr'], 2)}   mean FNR {percent(s['mean_fnr'], 2)}   "
+        f"mean FP/U {percent(s['mean_fp_union'], 2)}   mean FN/U {percent(s['mean_fn_union'], 2)}",
+        f"vanished {v['vanished']} of {v['pairs']} (image, class) pairs ({percent(v['rate'])} %)",
+        f"images: {images['scored']} scored, {images['missing']} missing (scored as all-wrong), "
+        f"{images['unknown_pred']} predictions without ground truth; "
+        f"{s['invalid_pred_pixels']} labelled pixels predicted with no class id",
+    ]
+    for line in lines:
+        out_console.print(line, soft_wrap=True, markup=False)
+
+
+def _signed(value: float | None) -> str:
+    return "-" if value is None else f"{100 * value:+.1f}"
+
+
+def _print_comparison(comparison: dict, report: dict, other: dict, preset: Preset) -> None:
+    pred, comp = report["pred"], other["pred"]
+    table = Table(title=f"PRED {pred} vs COMPARE {comp} (delta = PRED - COMPARE)")
+    table.add_column("class")
+    for name in ("IoU COMPARE", "IoU PRED", "delta", "vanished COMPARE", "vanished PRED"):
+        table.add_column(name, justify="right")
+    for row, mine, theirs in zip(comparison["per_class"], report["per_class"], other["per_class"]):
+        table.add_row(row["name"], percent(row["iou_compare"]), percent(row["iou"]),
+                      _signed(row["delta_iou"]), _vanished(theirs), _vanished(mine))
+    s = comparison["summary"]
+    table.add_row("mIoU", percent(s["miou"]["compare"], 2), percent(s["miou"]["pred"], 2),
+                  _signed(s["miou"]["delta"]), "", "", style="bold", end_section=True)
+    out_console.print(table)
+    v, i = comparison["vanished"], comparison["images"]
+    out_console.print(
+        f"vanished pairs: COMPARE {v['compare']['vanished']} of {v['compare']['pairs']}, PRED "
+        f"{v['pred']['vanished']} of {v['pred']['pairs']}", soft_wrap=True, markup=False)
+    out_console.print(
+        f"images by per-image mIoU: {i['better']} better, {i['worse']} worse, {i['same']} the same",
+        soft_wrap=True, markup=False)
+    for title, rows in (("gained most", i["gained_most"]), ("lost most", i["lost_most"])):
+        if not rows:
+            continue
+        ranked = Table(title=f"images that {title} (per-image mIoU, %)")
+        ranked.add_column("id")
+        for name in ("COMPARE", "PRED", "delta"):
+            ranked.add_column(name, justify="right")
+        for r in rows:
+            ranked.add_row(r["id"], percent(r["miou_compare"]), percent(r["miou"]),
+                           _signed(r["delta_miou"]))
+        out_console.print(ranked)
+
+
+# -- --csv DIR ----------------------------------------------------------------------------
+CLASS_COLUMNS = (
+    "id", "name", "present", "gt_pixels", "pred_pixels", "tp", "fp", "fn", "tn", "iou",
+    "precision", "recall", "fpr", "fnr", "fp_union", "fn_union", "eligible_pairs",
+    "vanished_pairs", "vanished_rate",
+)
+IMAGE_COLUMNS = (
+    "id", "missing", "labelled_pixels", "correct_pixels", "pixel_accuracy", "miou",
+    "eligible_classes", "vanished",
+)
+
+
+def _csv_text(rows: list[dict], columns) -> str:
+    """CSV of ``rows`` (None as an empty cell, lists joined with ``;``)."""
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(columns)
+    for row in rows:
+        writer.writerow([_cell(row.get(key)) for key in columns])
+    return buffer.getvalue()
+
+
+def _cell(value):
+    if value is None:
+        return ""
+    if isinstance(value, (list, tuple)):
+        return ";".join(str(v) for v in value)
+    return value
+
+
+def _write_csvs(directory: Path, report: dict, confusion: np.ndarray,
+                     comparison: dict | None = None) -> list[Path]:
+    """Write ``classes.csv``, ``images.csv``, ``confusion.csv`` and ``confusion.png``.
+
+    With ``comparison`` (``compare_report``), the per-class and per-image CSVs gain the
+    COMPARE columns and the deltas. Returns the written paths.
+    """
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    classes, class_cols = report["per_class"], list(CLASS_COLUMNS)
+    images, image_cols = report["per_image"], list(IMAGE_COLUMNS)
+    if comparison is not None:
+        classes = [{**row, **extra} for row, extra in zip(classes, comparison["per_class"])]
+        class_cols += ["iou_compare", "delta_iou", "vanished_pairs_compare"]
+        extra = {row["id"]: row for row in comparison["per_image"]}
+        images = [{**row, **extra.get(row["id"], {})} for row in images]
+        image_cols += ["miou_compare", "delta_miou"]
+    names = [row["name"] for row in report["per_class"]]
+    matrix = [{"gt": name, **dict(zip(names + ["(not a class)"], map(int, counts)))}
+              for name, counts in zip(names, confusion)]
+    written = []
+    for name, rows, cols in (
+        ("classes.csv", classes, class_cols),
+        ("images.csv", images, image_cols),
+        ("confusion.csv", matrix, ["gt"] + names + ["(not a class)"]),
+    ):
+        path = directory / name
+        write_bytes_atomic(path, _csv_text(rows, cols).encode("utf-8"))
+        written.append(path)
+    path = directory / "confusion.png"
+    write_bytes_atomic(path, encode_png(render_confusion(confusion, names)))
+    written.append(path)
+    return written

@@ -1,0 +1,1 @@
+"""Checking inputs against FORMATS.md before a long run (``dhr-label inspect``)."""
