@@ -47,7 +47,8 @@ def inspect(
     errors = report.errors
     if errors:
         images_hit = len({f.image_id for f in errors})
-        raise fail(f"{len(errors)} problems in {images_hit} of {report.images} images or files", EXIT_FAILED)
+        raise fail(f"{len(errors)} errors concerning {images_hit} ids ({report.images} images in "
+                   f"{cams.name})", EXIT_FAILED)
     err_console.print(f"ok: {report.images} images match FORMATS.md"
                       + (f" ({len(report.warnings)} warnings)" if report.warnings else ""))
 

@@ -21,7 +21,7 @@ from ..metrics import confusion_matrix, image_miou
 from ..presets import IGNORE_INDEX, Preset, preset_from_classes, resolve_preset
 from ..runtime.parallel import chunked, default_workers, map_chunks
 from ..visual import Tile, encode_png, fit_width, index_html, missing_tile, overlay, render_panel
-from .app import EXIT_FAILED, app, err_console, fail, guarded, out_console, progress_bar
+from .app import EXIT_FAILED, EXIT_USAGE, app, err_console, fail, guarded, out_console, progress_bar
 
 DirOption = dict(exists=True, file_okay=False, dir_okay=True, readable=True)
 
@@ -56,7 +56,7 @@ def show(
     images: Annotated[Optional[Path], typer.Option("--images", help="Images <id>.jpg|.jpeg|.png (default: the images inside --cams).", **DirOption)] = None,
     cams: Annotated[Optional[Path], typer.Option("--cams", help="cams.h5 whose image datasets are used when --images is absent.", exists=True, dir_okay=False)] = None,
     gt: Annotated[Optional[Path], typer.Option("--gt", help="Ground-truth masks: a GT tile, per-image mIoU, worst-first order.", **DirOption)] = None,
-    ids: Annotated[Optional[Path], typer.Option("--ids", help="Only these ids (one a line); default: every mask of the first --masks.", exists=True, dir_okay=False)] = None,
+    ids: Annotated[Optional[Path], typer.Option("--ids", help="Only these ids (one a line); default: every id with a mask in some --masks.", exists=True, dir_okay=False)] = None,
     classes: Annotated[Optional[str], typer.Option("--classes", help="Dataset preset or class-list file (default: the classes of --cams, else voc).")] = None,
     tile_width: Annotated[int, typer.Option("--tile-width", min=64, help="Pictures wider than this are scaled down.")] = 640,
     workers: Annotated[int, typer.Option("--workers", min=1, help="Worker processes (default: all cores).")] = default_workers(),
@@ -65,12 +65,12 @@ def show(
     the classes present, the ground truth — and an index.html laying them out.
     """
     if images is None and cams is None:
-        raise typer.BadParameter("give --images DIR or --cams cams.h5 (whose images are used)",
-                                 param_hint="--images")
+        raise fail("no image source: give --images DIR or --cams cams.h5 (whose images are used)",
+                   EXIT_USAGE)
     preset = _preset(classes, cams)
-    chosen = read_ids(ids) if ids is not None else list(mask_files(masks[0]))
+    chosen = read_ids(ids) if ids is not None else sorted(set().union(*(mask_files(m) for m in masks)))
     if not chosen:
-        raise FileLevelError(f"no <id>.png mask in {masks[0]}")
+        raise FileLevelError(f"no <id>.png mask in {', '.join(map(str, masks))}")
     out.mkdir(parents=True, exist_ok=True)
     job = PanelJob(tuple(masks), _titles(masks), gt, images, cams if images is None else None,
                    out, preset, tile_width)

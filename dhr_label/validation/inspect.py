@@ -47,7 +47,8 @@ class InspectReport:
     preset: Preset
     ignore_index: int
     images: int = 0
-    counts: Counter = field(default_factory=Counter)
+    counts: Counter = field(default_factory=lambda: Counter(
+        {"readable": 0, "with base": 0, "without base (seed only)": 0}))
     image_sizes: Counter = field(default_factory=Counter)  # (H, W) -> images
     datasets: dict[str, Counter] = field(default_factory=dict)  # name -> "shape dtype" -> images
     compression: dict[str, Counter] = field(default_factory=dict)
