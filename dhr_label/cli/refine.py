@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
@@ -17,7 +18,9 @@ from ..io.manifest import MANIFEST_FORMAT, describe_file, environment, manifest_
 from ..params import CapMode, CRFParams, DHRParams, Marginal, OTParams, Steps
 from ..presets import check_agreement, preset_from_classes, resolve_preset
 from ..runtime.parallel import default_workers
-from ..runtime.refine_run import DONE, FAILED, RefineJob, Shard, output_lock, prepare_output, run_images, select_ids
+from ..runtime.refine_run import (
+    DONE, FAILED, ImageResult, RefineJob, Shard, finished_unreported, output_lock, prepare_output, run_images, select_ids,
+)
 from .app import DEFAULT_MASKS_DIR, EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, app, err_console, fail, guarded
 
 _D = DHRParams()  # only to show the defaults in --help; the values come from DHRParams itself
@@ -145,15 +148,12 @@ def refine_command(
         cams=cams, feats=feats if needs_feats else None, out=out, params=params,
         background=preset.background, palette=preset.palette, images_dir=images, base_dir=base,
     )
-    with output_lock(out, the_shard):
-        prepare_output(out)  # temporaries of a killed run, now that no other run can own them
+    with output_lock(out, the_shard, token=job.token):
         todo = selected if overwrite else [i for i in selected if not (out / f"{i}.png").exists()]
         skipped = len(selected) - len(todo)
         failures: list[dict] = []
         early: list = []
         if feats_ids is not None:
-            from ..runtime.refine_run import ImageResult
-
             absent = [i for i in todo if i not in feats_ids]
             early = [ImageResult(i, FAILED, f"{feats}: no group /{i} in this file") for i in absent]
             todo = [i for i in todo if i in feats_ids]
@@ -162,10 +162,13 @@ def refine_command(
         notes: dict[str, list[str]] = {}
         step_seconds: dict[str, float] = {}
         interrupted = False
+        fatal: str | None = None  # why the run stopped before its end (full disk, dead pool)
+        reported: set[str] = set()
         started = time.time()
         t0 = time.perf_counter()
 
         def record(result) -> None:
+            reported.add(result.image_id)
             if result.status == DONE:
                 counts["done"] += 1
                 for key, value in result.timings.items():
@@ -173,7 +176,8 @@ def refine_command(
             else:
                 counts["failed"] += 1
                 failures.append({"id": result.image_id, "reason": result.reason})
-                err_console.print(f"[red]failed[/] {result.image_id}: {result.reason}", markup=True, soft_wrap=True, highlight=False)
+                # Escaped: an id or a path may hold [brackets] that Rich would read as markup.
+                err_console.print(f"[red]failed[/] {escape(result.image_id)}: {escape(result.reason)}", markup=True, soft_wrap=True, highlight=False)
             if result.notes:
                 notes[result.image_id] = result.notes
 
@@ -190,17 +194,28 @@ def refine_command(
                     progress.advance(bar)
                 stop = strict and counts["failed"] > 0
                 if not stop:
-                    for result in run_images(job, todo, workers=n_workers):
-                        record(result)
-                        elapsed = time.perf_counter() - t0
-                        progress.update(bar, advance=1, rate=f"{(counts['done'] + counts['failed']) / max(elapsed, 1e-9):.2f} img/s")
-                        if strict and result.status == FAILED:
-                            break
+                    results = run_images(job, todo, workers=n_workers)
+                    try:
+                        for result in results:
+                            record(result)
+                            elapsed = time.perf_counter() - t0
+                            progress.update(bar, advance=1, rate=f"{(counts['done'] + counts['failed']) / max(elapsed, 1e-9):.2f} img/s")
+                            if result.fatal:
+                                fatal = result.reason
+                                break
+                            if strict and result.status == FAILED:
+                                break
+                    finally:
+                        results.close()  # stops the workers before output_lock removes temporaries
         except KeyboardInterrupt:
             interrupted = True
+        except Exception as exc:  # noqa: BLE001 - a worker died (out of memory, a crash): report, keep the counts
+            fatal = f"the run stopped: {type(exc).__name__}: {exc}"
         finally:
             seconds = time.perf_counter() - t0
-            prepare_output(out)  # no temporary may outlive the run
+        # Masks written by workers stopped before they could report (atomic: they are complete).
+        late = finished_unreported(out, [i for i in todo if i not in reported])
+        counts["done"] += len(late)
         counts["not_run"] = counts["selected"] - counts["done"] - counts["skipped"] - counts["failed"]
         manifest = {
             "format": MANIFEST_FORMAT,
@@ -210,6 +225,7 @@ def refine_command(
             "seconds": round(seconds, 3),
             "interrupted": interrupted,
             "strict_stop": bool(strict and counts["failed"]),
+            "error": fatal,
             "preset": {"name": preset.name, "classes": list(preset.classes), "background": preset.background},
             "parameters": params.to_dict(),
             "inputs": {
@@ -224,9 +240,16 @@ def refine_command(
             "notes": dict(sorted(notes.items())),
         }
         target = manifest_path(out, the_shard.tag)
-        write_manifest(target, manifest)
+        try:
+            write_manifest(target, manifest)
+        except OSError as exc:  # the disk that stopped the masks stops the manifest too
+            problem = f"cannot write the manifest {target}: {exc.strerror or exc}"
+            fatal = f"{fatal}; {problem}" if fatal else problem
+            target = None
 
     _summary(counts, seconds, out, target, failures, interrupted, json_out, manifest)
+    if fatal:
+        raise fail(fatal, code=EXIT_INTERRUPTED if interrupted else EXIT_FAILED)
     if interrupted:
         raise typer.Exit(EXIT_INTERRUPTED)
     raise typer.Exit(EXIT_FAILED if counts["failed"] else EXIT_OK)
@@ -238,7 +261,7 @@ def _summary(counts, seconds, out, target, failures, interrupted, json_out, mani
     rate = processed / seconds if seconds > 0 else 0.0
     if json_out:
         summary = {
-            "out": str(out), "manifest": str(target), "counts": counts, "seconds": round(seconds, 3),
+            "out": str(out), "manifest": str(target) if target else None, "counts": counts, "seconds": round(seconds, 3),
             "images_per_second": round(rate, 3), "interrupted": interrupted, "failures": manifest["failures"],
         }
         print(json.dumps(summary))
@@ -250,8 +273,10 @@ def _summary(counts, seconds, out, target, failures, interrupted, json_out, mani
         table.add_row("not run", str(counts["not_run"]))
     table.add_row("time", f"{seconds:.1f} s")
     table.add_row("throughput", f"{rate:.2f} images/s")
-    table.add_row("masks", str(out))
-    table.add_row("manifest", str(target))
+    if manifest["notes"]:
+        table.add_row("with notes (see manifest)", str(len(manifest["notes"])))
+    table.add_row("masks", escape(str(out)))
+    table.add_row("manifest", escape(str(target)) if target else "[red]not written[/]")
     err_console.print(table)
     if failures:
         err_console.print(f"{len(failures)} image(s) failed; the first ones:")

@@ -7,10 +7,14 @@ here prints: the CLI drives the progress bar and the summary from the results.
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import os
+import platform
+import secrets
 import time
 import traceback
+import warnings
 import zlib
 from dataclasses import asdict, dataclass, field
 from functools import partial
@@ -18,14 +22,24 @@ from pathlib import Path
 
 from ..core.dhr import refine
 from ..errors import FileLevelError, InputError
-from ..io.atomic import remove_stale_temporaries
+from ..io.atomic import remove_stale_temporaries, write_bytes_atomic
 from ..io.contract import CamsFile, FeatsFile, check_id
 from ..io.inputs import load_inputs
-from ..io.masks import write_mask
+from ..io.masks import encode_mask
 from ..params import DHRParams
 from .parallel import chunked, map_chunks
 
 DONE, FAILED = "done", "failed"
+#: Held shared by every run writing into an output directory, exclusively by the one run
+#: that removes temporaries: a run never deletes a temporary another run is still writing.
+WRITERS_LOCK = ".dhr-label-writers.lock"
+#: Warnings of one image kept in its notes (the rest are counted).
+MAX_WARNING_NOTES = 3
+
+
+def new_token() -> str:
+    """A random name for one run's temporaries (letters and digits)."""
+    return secrets.token_hex(6)
 
 
 @dataclass(frozen=True)
@@ -40,15 +54,21 @@ class RefineJob:
     palette: tuple[int, ...]
     images_dir: Path | None = None
     base_dir: Path | None = None
+    token: str = field(default_factory=new_token)  # in the names of this run's temporaries
 
 
 @dataclass
 class ImageResult:
-    """The outcome of one image, small enough to send back from a worker."""
+    """The outcome of one image, small enough to send back from a worker.
+
+    ``fatal``: the failure concerns the output directory, not the image (a full disk, a
+    directory that became unwritable): every further image would fail the same way.
+    """
 
     image_id: str
     status: str
     reason: str = ""
+    fatal: bool = False
     notes: list[str] = field(default_factory=list)
     seconds: float = 0.0
     timings: dict[str, float] = field(default_factory=dict)
@@ -110,35 +130,39 @@ def _files(job: RefineJob) -> tuple[CamsFile, FeatsFile | None]:
 
 
 def refine_one(job: RefineJob, image_id: str) -> ImageResult:
-    """Refine one image and write its mask; every failure becomes the result's reason."""
+    """Refine one image and write its mask; every failure becomes the result's reason.
+
+    Warnings raised on the way (e.g. an OT that did not converge) become notes of the image
+    instead of lines on the console. A failure to write the mask is ``fatal``.
+    """
     start = time.perf_counter()
     try:
-        check_id(image_id, str(job.cams))
-        cams, feats = _files(job)
-        t0 = time.perf_counter()
-        inputs = load_inputs(
-            image_id, cams, feats, steps=job.params.steps, images_dir=job.images_dir, base_dir=job.base_dir
-        )
-        t1 = time.perf_counter()
-        result = refine(
-            inputs.cam,
-            inputs.labels,
-            image=inputs.image,
-            base=inputs.base,
-            uss=inputs.uss,
-            wss=inputs.wss,
-            background=job.background,
-            params=job.params,
-        )
-        t2 = time.perf_counter()
-        write_mask(job.out / f"{image_id}.png", result.mask, job.palette)
-        t3 = time.perf_counter()
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            check_id(image_id, str(job.cams))
+            cams, feats = _files(job)
+            t0 = time.perf_counter()
+            inputs = load_inputs(
+                image_id, cams, feats, steps=job.params.steps, images_dir=job.images_dir, base_dir=job.base_dir
+            )
+            t1 = time.perf_counter()
+            result = refine(
+                inputs.cam,
+                inputs.labels,
+                image=inputs.image,
+                base=inputs.base,
+                uss=inputs.uss,
+                wss=inputs.wss,
+                background=job.background,
+                params=job.params,
+            )
+            data = encode_mask(result.mask, job.palette)
     except InputError as exc:
         return ImageResult(image_id, FAILED, f"{exc.source}: {exc.problem}", seconds=time.perf_counter() - start)
     except FileLevelError as exc:
         return ImageResult(image_id, FAILED, str(exc), seconds=time.perf_counter() - start)
     except OSError as exc:
-        where = exc.filename or job.out
+        where = exc.filename or job.cams
         return ImageResult(
             image_id, FAILED, f"{where}: {exc.strerror or exc}", seconds=time.perf_counter() - start
         )
@@ -150,15 +174,40 @@ def refine_one(job: RefineJob, image_id: str) -> ImageResult:
             f"internal error {type(exc).__name__}: {exc} (at {Path(last.filename).name}:{last.lineno})",
             seconds=time.perf_counter() - start,
         )
+    t2 = time.perf_counter()
+    target = job.out / f"{image_id}.png"
+    try:
+        write_bytes_atomic(target, data, tag=job.token)
+    except OSError as exc:
+        # A name too long is this image's problem; anything else is the directory's.
+        fatal = exc.errno != errno.ENAMETOOLONG
+        return ImageResult(
+            image_id, FAILED, f"cannot write {target}: {exc.strerror or exc}", fatal=fatal,
+            seconds=time.perf_counter() - start,
+        )
+    t3 = time.perf_counter()
     timings = {"read": t1 - t0, **result.timings, "write": t3 - t2}
     return ImageResult(
         image_id,
         DONE,
-        notes=inputs.notes,
+        notes=inputs.notes + _warning_notes(caught),
         seconds=time.perf_counter() - start,
         timings=timings,
         restored=result.restored,
     )
+
+
+def _warning_notes(caught: list[warnings.WarningMessage]) -> list[str]:
+    """The distinct warnings of one image as notes, at most :data:`MAX_WARNING_NOTES`."""
+    seen: list[str] = []
+    for item in caught:
+        text = f"{item.category.__name__}: {item.message}"
+        if text not in seen:
+            seen.append(text)
+    notes = seen[:MAX_WARNING_NOTES]
+    if len(seen) > MAX_WARNING_NOTES:
+        notes.append(f"... and {len(seen) - MAX_WARNING_NOTES} more warning(s)")
+    return notes
 
 
 def refine_chunk(job: RefineJob, ids: list[str]) -> list[ImageResult]:
@@ -194,8 +243,12 @@ def select_ids(
     return ids, missing
 
 
-def prepare_output(out: Path) -> int:
-    """Create ``out`` if needed, check it is writable, remove a killed run's temporaries."""
+def prepare_output(out: Path) -> None:
+    """Create ``out`` if needed and check that it is a writable directory.
+
+    Temporaries are not touched here: another run may be writing them (see
+    :func:`output_lock`).
+    """
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
@@ -204,31 +257,80 @@ def prepare_output(out: Path) -> int:
         raise FileLevelError(f"the output path {out} exists and is not a directory")
     if not os.access(out, os.W_OK | os.X_OK):
         raise FileLevelError(f"the output directory {out} is not writable")
-    return remove_stale_temporaries(out)
+
+
+def _open_lock(path: Path):
+    try:
+        return open(path, "a+")
+    except OSError as exc:
+        raise FileLevelError(f"cannot create the lock file {path}: {exc.strerror}") from None
+
+
+def _flock(handle, operation: int, path: Path) -> bool:
+    """``flock``; False when a non-blocking request meets a conflicting lock."""
+    try:
+        fcntl.flock(handle, operation)
+    except BlockingIOError:
+        return False
+    except OSError as exc:
+        raise FileLevelError(f"cannot lock {path} (does this file system support locks?): {exc.strerror}") from None
+    return True
+
+
+def _clean_if_alone(out: Path, writers, path: Path) -> int:
+    """Remove every temporary in ``out`` if no other run holds the writers' lock."""
+    if not _flock(writers, fcntl.LOCK_EX | fcntl.LOCK_NB, path):
+        return 0
+    try:
+        return remove_stale_temporaries(out)
+    finally:
+        fcntl.flock(writers, fcntl.LOCK_UN)
 
 
 @contextlib.contextmanager
-def output_lock(out: Path, shard: Shard):
-    """Hold an exclusive lock on ``out`` (per shard) for the run; refuse a concurrent run."""
+def output_lock(out: Path, shard: Shard = Shard(), *, token: str | None = None):
+    """Hold ``out`` for one run (per shard); refuse a second run of the same shard.
+
+    Two locks, both released by the kernel when the process dies (SIGKILL included):
+
+    - ``.dhr-label[.shard-I-of-N].lock``, exclusive: a second run of the same shard is
+      refused with the pid and host of the first;
+    - :data:`WRITERS_LOCK`, shared by every run writing into ``out`` (shards of one job on a
+      cluster share the directory). Temporaries left by killed runs are removed only by a run
+      that can take it exclusively, i.e. when no other run is writing.
+
+    On exit the temporaries named with ``token`` (this run's, e.g. of workers stopped by
+    Ctrl-C) are removed; the caller must have stopped its workers first.
+    """
     path = out / f".dhr-label{shard.tag}.lock"
+    handle = _open_lock(path)
     try:
-        handle = open(path, "a+")
-    except OSError as exc:
-        raise FileLevelError(f"cannot create the lock file {path}: {exc.strerror}") from None
-    try:
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
+        if not _flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB, path):
             handle.seek(0)
             holder = handle.read().strip() or "unknown"
             raise FileLevelError(
-                f"another dhr-label run (pid {holder}) is writing to {out}; wait for it or use another --out"
-            ) from None
+                f"another dhr-label run (pid {holder}) is writing to {out}"
+                + (f" (shard {shard.index}/{shard.count})" if shard.count > 1 else "")
+                + f"; wait for it to finish or use another --out (lock file {path})"
+            )
         handle.seek(0)
         handle.truncate()
-        handle.write(str(os.getpid()))
+        handle.write(f"{os.getpid()} on {platform.node() or 'this host'}")
         handle.flush()
-        yield
+        writers_path = out / WRITERS_LOCK
+        writers = _open_lock(writers_path)
+        try:
+            _clean_if_alone(out, writers, writers_path)
+            _flock(writers, fcntl.LOCK_SH, writers_path)
+            try:
+                yield
+            finally:
+                if token:
+                    remove_stale_temporaries(out, tag=token)
+                fcntl.flock(writers, fcntl.LOCK_UN)
+                _clean_if_alone(out, writers, writers_path)
+        finally:
+            writers.close()
     finally:
         handle.close()
 
@@ -237,12 +339,26 @@ def run_images(job: RefineJob, ids: list[str], *, workers: int, on_result=None):
     """Refine ``ids`` over ``workers`` processes; yield every :class:`ImageResult` as it ends.
 
     ``on_result(result)`` is called in this process for every result (progress). Closing the
-    generator early (``--strict``, Ctrl-C) stops the workers.
+    generator early (``--strict``, Ctrl-C, a full disk) stops the workers: call its
+    ``close()`` before relying on no worker writing any more.
+
+    Chunks are small (one image in this process, a few per task in a pool) so that the
+    progress bar moves and an interruption loses little work in flight.
     """
-    chunks = chunked(ids, workers=workers)
+    chunks = chunked(ids, workers=workers, max_size=1 if workers <= 1 else 8)
     task = partial(refine_chunk, job)
-    for results in map_chunks(task, chunks, workers=workers):
-        for result in results:
-            if on_result is not None:
-                on_result(result)
-            yield result
+    results = map_chunks(task, chunks, workers=workers)
+    try:
+        for batch in results:
+            for result in batch:
+                if on_result is not None:
+                    on_result(result)
+                yield result
+    finally:
+        results.close()
+
+
+def finished_unreported(out: Path, ids: list[str]) -> list[str]:
+    """The ``ids`` whose mask exists in ``out``: after a run stopped early, the images its
+    workers wrote without reporting back (masks are atomic, so existing means complete)."""
+    return [image_id for image_id in ids if (out / f"{image_id}.png").exists()]
