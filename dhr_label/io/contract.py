@@ -42,10 +42,7 @@ def _open(path: Path, expected_formats: tuple[str, ...], what: str) -> h5py.File
     try:
         handle = h5py.File(path, "r")
     except OSError as exc:
-        reason = str(exc).split("(")[0].strip() or "unreadable"
-        raise FileLevelError(
-            f"{what} file {path} cannot be opened as HDF5 (truncated, not HDF5, or unreadable): {reason}"
-        ) from None
+        raise FileLevelError(f"{what} file {path} {_open_problem(path, exc)}") from None
     found = handle.attrs.get("format")
     if isinstance(found, bytes):
         found = found.decode()
@@ -69,6 +66,60 @@ def _open(path: Path, expected_formats: tuple[str, ...], what: str) -> h5py.File
             f"(this dhr-label reads version {', '.join(map(str, SUPPORTED_VERSIONS))})"
         )
     return handle
+
+
+def _open_problem(path: Path, exc: OSError) -> str:
+    """What HDF5's open error means, in words (its text sits in parentheses)."""
+    text = str(exc)
+    detail = text[text.find("(") + 1 : text.rfind(")")] if "(" in text else text
+    if "file signature not found" in detail:
+        size = path.stat().st_size
+        return "is empty (0 bytes)" if size == 0 else f"is not an HDF5 file (no HDF5 signature in its {size} bytes)"
+    truncated = re.search(r"truncated file: eof = (\d+).*stored_eof = (\d+)", detail)
+    if truncated:
+        return (
+            f"is truncated: {truncated.group(1)} of its {truncated.group(2)} bytes are present "
+            "(was its writer interrupted?)"
+        )
+    if "unable to lock file" in detail:
+        return (
+            "is locked by another process (is a writer still running on it?); "
+            "on a read-only file system, set HDF5_USE_FILE_LOCKING=FALSE"
+        )
+    message = re.search(r"error message = '([^']*)'", detail)
+    if message:
+        return f"cannot be read: {message.group(1)}"
+    return f"cannot be opened as HDF5: {detail or 'unreadable'}"
+
+
+def as_rgb_uint8(data: np.ndarray, image_id: str, source: str, notes: list[str] | None, name: str = "image") -> np.ndarray:
+    """An image array as H x W x 3 uint8, converting what can be converted without guessing.
+
+    Grey ``[H, W]`` / ``[H, W, 1]`` is copied to the three channels, grey+alpha and RGBA lose
+    their alpha, 16-bit values are scaled to 8 bits (x / 257, rounded). Each conversion is
+    appended to ``notes``. Anything else (float, 5 channels...) raises InputError.
+    """
+    data = np.asarray(data)
+    done: list[str] = []
+    if data.ndim == 2:
+        data = data[:, :, None]
+    if data.ndim != 3 or data.shape[2] not in (1, 2, 3, 4) or min(data.shape[:2]) < 1:
+        raise InputError(image_id, source, f"expected shape [H, W, 3] (RGB), found {list(data.shape)}")
+    if data.dtype == np.uint16:
+        data = ((data.astype(np.uint32) + 128) // 257).astype(np.uint8)
+        done.append("16-bit values scaled to 8 bits")
+    elif data.dtype != np.uint8:
+        raise InputError(image_id, source, f"expected uint8 (or uint16) values, found {data.dtype}")
+    channels = data.shape[2]
+    if channels in (1, 2):
+        done.append("grey copied to R, G, B" + (" (alpha dropped)" if channels == 2 else ""))
+        data = np.repeat(data[:, :, :1], 3, axis=2)
+    elif channels == 4:
+        done.append("RGBA: alpha dropped")
+        data = data[:, :, :3]
+    if done and notes is not None:
+        notes.append(f"{name}: " + ", ".join(done))
+    return np.ascontiguousarray(data)
 
 
 class _ContractFile:
@@ -211,8 +262,11 @@ class CamsFile(_ContractFile):
     def num_classes(self) -> int:
         return len(self.classes)
 
-    def read_cam(self, image_id: str) -> tuple[np.ndarray, np.ndarray]:
-        """The CAMs ``[K, h, w]`` (float32, raw) and tags ``[K]`` (int64) of one image."""
+    def read_cam(self, image_id: str, notes: list[str] | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """The CAMs ``[K, h, w]`` (float32, raw) and tags ``[K]`` (int64) of one image.
+
+        float64 CAMs are read as float32 (noted in ``notes``).
+        """
         group = self._group(image_id)
         for name in ("cam", "labels"):
             if name not in group:
@@ -224,6 +278,8 @@ class CamsFile(_ContractFile):
             raise InputError(image_id, source, f"expected shape [K, h, w] with K, h, w >= 1, found {found}")
         if node.dtype.kind not in _FLOAT_KINDS:
             raise InputError(image_id, source, f"expected float16/float32, found {node.dtype}")
+        if node.dtype == np.float64 and notes is not None:
+            notes.append("cam: float64 read as float32")
         cam = np.asarray(self._read(image_id, node, "cam"), dtype=np.float32)
         if not np.isfinite(cam).all():
             raise InputError(
@@ -271,19 +327,23 @@ class CamsFile(_ContractFile):
         base = self._read(image_id, node, "base")
         return check_label_map(base, self.num_classes, self.ignore_index, image_id, source)
 
-    def read_image(self, image_id: str) -> np.ndarray | None:
-        """The RGB image ``[H, W, 3]`` uint8 of one image, or None when the file has none."""
+    def read_image(self, image_id: str, notes: list[str] | None = None) -> np.ndarray | None:
+        """The RGB image ``[H, W, 3]`` uint8 of one image, or None when the file has none.
+
+        Grey, grey+alpha, RGBA and 16-bit images are converted (see :func:`as_rgb_uint8`) and
+        the conversion noted in ``notes``.
+        """
         group = self._group(image_id)
         if "image" not in group:
             return None
         node = group["image"]
         source = self._source(image_id, "image")
-        if not isinstance(node, h5py.Dataset) or node.ndim != 3 or node.shape[2] != 3:
+        if not isinstance(node, h5py.Dataset) or node.ndim not in (2, 3):
             found = list(node.shape) if isinstance(node, h5py.Dataset) else "a group"
-            raise InputError(image_id, source, f"expected shape [H, W, 3], found {found}")
-        if node.dtype != np.uint8:
-            raise InputError(image_id, source, f"expected uint8, found {node.dtype}")
-        return np.ascontiguousarray(self._read(image_id, node, "image"))
+            raise InputError(image_id, source, f"expected shape [H, W, 3] (RGB), found {found}")
+        if node.dtype not in (np.uint8, np.uint16):
+            raise InputError(image_id, source, f"expected uint8 (or uint16) values, found {node.dtype}")
+        return as_rgb_uint8(self._read(image_id, node, "image"), image_id, source, notes)
 
 
 class FeatsFile(_ContractFile):

@@ -9,7 +9,7 @@ from PIL import Image, UnidentifiedImageError
 
 from ..errors import InputError
 from ..params import Steps
-from .contract import CamsFile, FeatsFile, check_label_map
+from .contract import CamsFile, FeatsFile, as_rgb_uint8, check_label_map
 from .masks import read_mask
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".JPG", ".JPEG", ".PNG")
@@ -40,19 +40,21 @@ def find_image(directory: Path, image_id: str) -> Path | None:
 
 def load_image_file(path: Path, image_id: str, notes: list[str]) -> np.ndarray:
     """An image file as H x W x 3 uint8; grey, palette, RGBA and 16-bit are converted, noted."""
+    name = f"image {path.name}"
     try:
         with Image.open(path) as img:
             img.load()
             mode = img.mode
-            if mode == "RGB":
-                return np.asarray(img, dtype=np.uint8).copy()
-            if mode in ("I;16", "I;16B", "I;16L", "I"):
-                grey = np.asarray(img).astype(np.int64)
-                scale = 257 if grey.max(initial=0) > 255 else 1
-                data = np.clip(grey // scale, 0, 255).astype(np.uint8)
-                notes.append(f"image {path.name}: {mode} (16-bit grey) scaled to 8-bit RGB")
-                return np.repeat(data[:, :, None], 3, axis=2)
-            notes.append(f"image {path.name}: mode {mode} converted to RGB")
+            if mode in ("RGB", "RGBA", "L", "LA"):
+                return as_rgb_uint8(np.asarray(img), image_id, str(path), notes, name)
+            if mode.startswith("I;16"):
+                return as_rgb_uint8(np.asarray(img).astype(np.uint16), image_id, str(path), notes, name)
+            if mode == "I":  # 32-bit container: 16-bit data when any value exceeds 8 bits
+                grey = np.asarray(img)
+                if grey.min(initial=0) >= 0 and grey.max(initial=0) <= 65535:
+                    depth = np.uint16 if grey.max(initial=0) > 255 else np.uint8
+                    return as_rgb_uint8(grey.astype(depth), image_id, str(path), notes, name)
+            notes.append(f"{name}: mode {mode} converted to RGB")
             return np.asarray(img.convert("RGB"), dtype=np.uint8).copy()
     except (OSError, UnidentifiedImageError, ValueError) as exc:
         raise InputError(image_id, str(path), f"cannot decode the image: {exc}") from None
@@ -96,7 +98,12 @@ def load_inputs(
         Naming the image, the file or dataset, and expected vs found.
     """
     notes: list[str] = []
-    cam, labels = cams.read_cam(image_id)
+    cam, labels = cams.read_cam(image_id, notes)
+    silent = labels[cam.reshape(len(labels), -1).max(axis=1) <= 0]
+    if len(silent):
+        notes.append(
+            f"cam: tag(s) {silent.tolist()} never positive: no seed for them"
+        )
 
     if images_dir is not None:
         path = find_image(Path(images_dir), image_id)
@@ -104,7 +111,7 @@ def load_inputs(
             raise InputError(image_id, str(images_dir), f"no image {image_id}.jpg|.jpeg|.png in this directory")
         image = load_image_file(path, image_id, notes)
     else:
-        image = cams.read_image(image_id)
+        image = cams.read_image(image_id, notes)
         if image is None:
             raise InputError(
                 image_id, f"{cams.path}:/{image_id}/image", "no image in the file and no --images directory given"
