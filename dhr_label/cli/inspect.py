@@ -6,6 +6,7 @@ from typing import Annotated, Optional
 
 import typer
 from rich.table import Table
+from rich.text import Text
 
 from ..presets import resolve_preset
 from ..validation.inspect import InspectReport, inspect_inputs
@@ -90,7 +91,7 @@ def _print_summary(report: InspectReport) -> None:
         files.add_column(name, justify="right" if name in ("size", "groups") else "left",
                          overflow="fold")
     for f in data["files"]:
-        files.add_row(f["path"], str(f["format"]), str(f["version"]), _size(f["bytes"]), str(f["groups"]))
+        files.add_row(Text(f["path"]), str(f["format"]), str(f["version"]), _size(f["bytes"]), str(f["groups"]))
     out_console.print(files)
 
     c = data["classes"]
@@ -120,6 +121,6 @@ def _print_summary(report: InspectReport) -> None:
     frequency.add_column("tagged images", justify="right")
     frequency.add_column("base pixels %", justify="right")
     for row in data["class_frequency"]:
-        frequency.add_row(row["name"], str(row["tagged_images"]), percent(row["base_pixel_share"], 2))
+        frequency.add_row(Text(row["name"]), str(row["tagged_images"]), percent(row["base_pixel_share"], 2))
     out_console.print(frequency)
     out_console.print(f"{data['errors']} errors, {data['warnings']} warnings", markup=False)

@@ -9,6 +9,7 @@ from typing import Annotated, Optional
 import numpy as np
 import typer
 from rich.table import Table
+from rich.text import Text
 
 from ..evaluate import (
     Matching,
@@ -131,7 +132,7 @@ def _vanished(row: dict) -> str:
 def _print_scores(report: dict, preset: Preset) -> None:
     images = report["images"]
     table = Table(
-        title=f"{report['pred']} vs {report['gt']}: {images['scored']} images, preset {preset.name}",
+        title=Text(f"{report['pred']} vs {report['gt']}: {images['scored']} images, preset {preset.name}"),
         caption="% per class; FPR = FP/(FP+TN), FNR = FN/(FN+TP); FP/U, FN/U: over the union "
         "(PSA/IRN/DHR code); vanished: pairs with IoU < 0.1 / GT pairs >= 0.1 % of the image",
     )
@@ -141,9 +142,9 @@ def _print_scores(report: dict, preset: Preset) -> None:
     table.add_column("vanished", justify="right")
     for row in report["per_class"]:
         if not row["present"]:
-            table.add_row(row["name"], "absent", *[""] * 6, "-", style="dim")
+            table.add_row(Text(row["name"]), "absent", *[""] * 6, "-", style="dim")
             continue
-        table.add_row(row["name"], *(percent(row[k]) for k in (
+        table.add_row(Text(row["name"]), *(percent(row[k]) for k in (
             "iou", "precision", "recall", "fpr", "fnr", "fp_union", "fn_union")), _vanished(row))
     out_console.print(table)
 
@@ -172,12 +173,12 @@ def _signed(value: float | None) -> str:
 
 def _print_comparison(comparison: dict, report: dict, other: dict, preset: Preset) -> None:
     pred, comp = report["pred"], other["pred"]
-    table = Table(title=f"PRED {pred} vs COMPARE {comp} (delta = PRED - COMPARE)")
+    table = Table(title=Text(f"PRED {pred} vs COMPARE {comp} (delta = PRED - COMPARE)"))
     table.add_column("class")
     for name in ("IoU COMPARE", "IoU PRED", "delta", "vanished COMPARE", "vanished PRED"):
         table.add_column(name, justify="right")
     for row, mine, theirs in zip(comparison["per_class"], report["per_class"], other["per_class"]):
-        table.add_row(row["name"], percent(row["iou_compare"]), percent(row["iou"]),
+        table.add_row(Text(row["name"]), percent(row["iou_compare"]), percent(row["iou"]),
                       _signed(row["delta_iou"]), _vanished(theirs), _vanished(mine))
     s = comparison["summary"]
     table.add_row("mIoU", percent(s["miou"]["compare"], 2), percent(s["miou"]["pred"], 2),
