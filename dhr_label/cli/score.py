@@ -194,7 +194,7 @@ def _print_comparison(comparison: dict, report: dict, other: dict, preset: Prese
     for title, rows in (("gained most", i["gained_most"]), ("lost most", i["lost_most"])):
         if not rows:
             continue
-        ranked = Table(title=f"images that {title} (per-image mIoU, %)")
+        ranked = Table(title=f"{title} (image mIoU %)")
         ranked.add_column("id")
         for name in ("COMPARE", "PRED", "delta"):
             ranked.add_column(name, justify="right")
