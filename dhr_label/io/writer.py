@@ -1,0 +1,483 @@
+"""Writing the HDF5 contract of FORMATS.md (v1): cams.h5 and feats.h5, one image at a time.
+
+:class:`Writer` is the public way to produce the files from a user's own extractor, and the
+back end of ``dhr-label pack``. It validates every array against the contract before it
+touches the file, stores maps chunked and gzip-compressed (float16 unless asked to keep
+float32), and is resumable: reopening a file appends, and an image already complete is
+skipped.
+
+A killed process never leaves a half-written group that looks complete: a group is created
+carrying the attribute :data:`~dhr_label.io.contract.INCOMPLETE_ATTR`, its datasets are
+written and flushed, and only then is the attribute removed (and the file flushed again).
+Readers treat a group with the attribute as absent; the next ``add`` of that id rewrites it.
+"""
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import h5py
+import numpy as np
+
+from ..errors import DHRLabelError, FileLevelError, InputError
+from ..presets import IGNORE_INDEX, Preset, resolve_preset
+from .contract import FORMAT_CAMS, FORMAT_FEATS, ID_PATTERN, INCOMPLETE_ATTR, check_id, check_label_map
+
+VERSION = 1
+KINDS = ("cams", "feats", "combined")
+DTYPES = ("float16", "float32")
+#: Target size of one HDF5 chunk; a reader loads whole maps, so one chunk per map is ideal
+#: and larger maps are split along their leading axes.
+CHUNK_BYTES = 1 << 20
+GZIP_LEVEL = 4
+
+_FROM_CLASSES = object()  # ``background`` not given: take it from the class list
+
+
+def chunk_shape(shape: tuple[int, ...], itemsize: int, *, target: int = CHUNK_BYTES) -> tuple[int, ...]:
+    """Chunk shape for a dataset of ``shape``: the whole array if it fits ``target`` bytes.
+
+    Otherwise the leading axes are cut first (channels, then rows), so that a chunk is a run
+    of whole channels or whole rows of at most ``target`` bytes (at least one element).
+
+    >>> chunk_shape((3, 375, 500), 2)
+    (2, 375, 500)
+    """
+    chunk = list(shape)
+    for axis in range(len(chunk)):
+        inner = itemsize * math.prod(chunk[axis + 1 :])
+        if inner * chunk[axis] <= target:
+            break
+        chunk[axis] = max(1, target // inner)
+    return tuple(chunk)
+
+
+class BadArray(ValueError):
+    """An array that breaks the contract: ``dataset`` names it, ``problem`` says expected vs found."""
+
+    def __init__(self, dataset: str, problem: str):
+        self.dataset = dataset
+        self.problem = problem
+        super().__init__(f"{dataset}: {problem}")
+
+
+def as_array(value, name: str) -> np.ndarray:
+    """``value`` as a NumPy array; torch tensors (any device, bfloat16 too) are copied to the CPU.
+
+    Raises :class:`BadArray` for anything that is not integer or float array data.
+    """
+    if hasattr(value, "detach") and hasattr(value, "cpu"):  # a torch tensor, without importing torch
+        value = value.detach().cpu()
+        if str(value.dtype) == "torch.bfloat16":
+            value = value.float()
+        value = value.numpy()
+    array = np.asarray(value)
+    if array.dtype.kind not in "iuf":
+        raise BadArray(name, f"expected an integer or float array, found dtype {array.dtype}")
+    return array
+
+
+def check_map(value, name: str, dims: str) -> np.ndarray:
+    """A finite real map with one axis per letter of ``dims`` (e.g. ``"Khw"``), each >= 1."""
+    array = as_array(value, name)
+    if array.ndim != len(dims) or min(array.shape, default=0) < 1:
+        raise BadArray(name, f"expected shape [{', '.join(dims)}] with every size >= 1, found {list(array.shape)}")
+    if array.dtype.kind == "f" and not np.isfinite(array).all():
+        raise BadArray(name, f"expected finite values, found {int((~np.isfinite(array)).sum())} NaN/Inf")
+    return array
+
+
+def check_labels(value, *, num_classes: int, background: int | None) -> np.ndarray:
+    """Image-level tags as int64 ``[K]``: unique foreground class ids (any order)."""
+    labels = as_array(value, "labels")
+    if labels.ndim != 1 or labels.size < 1:
+        raise BadArray("labels", f"expected shape [K] with K >= 1 tags, found {list(labels.shape)}")
+    if labels.dtype.kind == "f":
+        if not np.all(np.isfinite(labels)) or not np.all(labels == np.round(labels)):
+            raise BadArray("labels", f"expected integer class ids, found {labels.tolist()}")
+    labels = labels.astype(np.int64)
+    if labels.min() < 0 or labels.max() >= num_classes:
+        raise BadArray("labels", f"expected class ids in [0, {num_classes}), found {labels.tolist()}")
+    if len(np.unique(labels)) != labels.size:
+        raise BadArray("labels", f"expected unique class ids, found {labels.tolist()}")
+    if background is not None and background in labels:
+        raise BadArray("labels", f"must not include the background id {background}, found {labels.tolist()}")
+    return labels
+
+
+def check_cams(cam, labels, *, num_classes: int, background: int | None) -> tuple[np.ndarray, np.ndarray]:
+    """CAMs ``[K, h, w]`` and their tags ``[K]``, both reordered so that the tags ascend."""
+    tags = check_labels(labels, num_classes=num_classes, background=background)
+    maps = check_map(cam, "cam", "Khw")
+    if maps.shape[0] != tags.size:
+        raise BadArray("cam", f"expected {tags.size} channels (one per tag), found {maps.shape[0]}")
+    order = np.argsort(tags, kind="stable")
+    return maps[order], tags[order]
+
+
+def check_base(value, *, num_classes: int, ignore_index: int) -> np.ndarray:
+    """A base mask ``[H, W]`` of class ids or ``ignore_index``, as uint8."""
+    mask = as_array(value, "base")
+    if mask.ndim != 2 or min(mask.shape, default=0) < 1 or mask.dtype.kind not in "iu":
+        raise BadArray("base", f"expected [H, W] integer class ids, found {mask.dtype} {list(mask.shape)}")
+    try:
+        return check_label_map(mask, num_classes, ignore_index, "", "")
+    except InputError as exc:
+        raise BadArray("base", exc.problem) from None
+
+
+def check_image(value) -> np.ndarray:
+    """An RGB image ``[H, W, 3]`` as uint8 (integer input must lie in [0, 255])."""
+    image = as_array(value, "image")
+    if image.ndim != 3 or image.shape[2] != 3 or min(image.shape) < 1:
+        raise BadArray("image", f"expected shape [H, W, 3], found {list(image.shape)}")
+    if image.dtype.kind == "f":
+        raise BadArray("image", f"expected uint8 RGB values, found {image.dtype}")
+    if image.dtype != np.uint8 and (image.min() < 0 or image.max() > 255):
+        raise BadArray("image", f"expected values in [0, 255], found [{image.min()}, {image.max()}]")
+    return np.ascontiguousarray(image, dtype=np.uint8)
+
+
+def to_storage(values: np.ndarray, dtype: np.dtype, name: str) -> np.ndarray:
+    """``values`` cast to the stored float ``dtype``, refusing values that overflow it."""
+    with np.errstate(over="ignore"):  # overflow is detected below and reported
+        stored = np.ascontiguousarray(values, dtype=dtype)
+    if not np.isfinite(stored).all():
+        peak = float(np.abs(values).max())
+        raise BadArray(
+            name,
+            f"values up to {peak:.6g} overflow {dtype} (largest {float(np.finfo(dtype).max):.6g}); "
+            "keep float32 instead (dtype='float32', or --dtype float32)",
+        )
+    return stored
+
+
+class Writer:
+    """Write images into a ``dhr-label/cams`` or ``dhr-label/feats`` HDF5 file (FORMATS.md).
+
+    Parameters
+    ----------
+    path : str or Path
+        The HDF5 file. Its directory must exist.
+    classes : str, Path, Preset or sequence of str, optional
+        The dataset's classes (cams files only): a preset name (``"voc"``), a class-list file,
+        a :class:`~dhr_label.presets.Preset`, or the names in id order. May be left out when
+        appending to an existing cams file (the file's classes are used).
+    background : int or None, optional
+        Id of the background class, None when the dataset has none. By default the preset's,
+        or for a list of names the position of ``"background"`` in it, if any.
+    ignore_index : int
+        The mask label meaning "ignore" (``255``).
+    kind : {"cams", "feats", "combined"}
+        Which of the two files this is; ``"combined"`` is one file holding both sides
+        (FORMATS.md allows it): its ``format`` is the cams one and each image has ``cam`` and
+        ``labels`` plus, optionally, ``uss`` / ``wss``.
+    dtype : {"float16", "float32"}
+        How CAMs and features are stored. float16 halves the file; values beyond +-65504
+        are refused (keep float32 for those).
+    mode : {"a", "w"}
+        ``"a"`` (default) creates the file or appends to it (it must then agree on format,
+        classes, background and ignore index); ``"w"`` starts a new, empty file.
+
+    Examples
+    --------
+    >>> import numpy as np, dhr_label
+    >>> with dhr_label.Writer("cams.h5", classes="voc") as w:  # doctest: +SKIP
+    ...     w.add("2007_000032", cam=np.zeros((2, 24, 32), np.float32), labels=[1, 15])
+    True
+
+    Notes
+    -----
+    ``add`` returns False, writing nothing, for an id that is already complete in the file:
+    a crashed extraction restarts where it stopped. Test ``image_id in writer`` first to skip
+    computing it at all.
+    """
+
+    def __init__(
+        self,
+        path,
+        *,
+        classes=None,
+        background=_FROM_CLASSES,
+        ignore_index: int = IGNORE_INDEX,
+        kind: str = "cams",
+        dtype: str = "float16",
+        mode: str = "a",
+    ):
+        if kind not in KINDS:
+            raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
+        if str(dtype) not in DTYPES:
+            raise ValueError(f"dtype must be one of {DTYPES}, got {dtype!r}")
+        if mode not in ("a", "w"):
+            raise ValueError(f"mode must be 'a' (append/resume) or 'w' (new file), got {mode!r}")
+        if kind == "feats" and (classes is not None or background is not _FROM_CLASSES):
+            raise ValueError("classes and background belong to a cams file, not to kind='feats'")
+        self.path = Path(path)
+        self.kind = kind
+        self.dtype = np.dtype(str(dtype))
+        self.classes: list[str] = []
+        self.background: int | None = None
+        self.ignore_index = int(ignore_index)
+        if classes is not None:
+            self.classes, self.background = _class_list(classes, background)
+            if not len(self.classes) <= self.ignore_index <= 255:
+                raise ValueError(
+                    f"ignore_index must lie in [{len(self.classes)}, 255] (not a class id), got {ignore_index}"
+                )
+        self._file: h5py.File | None = None
+        self._file = self._open(mode, classes is not None)
+
+    # -- opening ------------------------------------------------------------------------------
+    @property
+    def _format(self) -> str:
+        return FORMAT_FEATS if self.kind == "feats" else FORMAT_CAMS
+
+    def _open(self, mode: str, have_classes: bool) -> h5py.File:
+        if mode == "a" and self.path.exists():
+            try:
+                handle = h5py.File(self.path, "r+")
+            except OSError as exc:
+                raise FileLevelError(
+                    f"{self.path}: cannot open to append (expected a writable HDF5 file): {exc}"
+                ) from None
+            try:
+                self._check_existing(handle, have_classes)
+            except BaseException:
+                handle.close()
+                raise
+            return handle
+        if self.kind != "feats" and not have_classes:
+            raise ValueError(f"classes= is required to create the cams file {self.path}")
+        if not self.path.parent.is_dir():
+            raise FileLevelError(f"{self.path}: the directory {self.path.parent} does not exist")
+        try:
+            handle = h5py.File(self.path, "w")
+        except OSError as exc:
+            raise FileLevelError(f"{self.path}: cannot create the file: {exc}") from None
+        handle.attrs["format"] = self._format
+        handle.attrs["version"] = np.int64(VERSION)
+        if self.kind != "feats":
+            handle.attrs["classes"] = json.dumps(self.classes)
+            handle.attrs["background"] = np.int64(-1 if self.background is None else self.background)
+            handle.attrs["ignore_index"] = np.int64(self.ignore_index)
+        handle.flush()
+        return handle
+
+    def _check_existing(self, handle: h5py.File, have_classes: bool) -> None:
+        attrs = handle.attrs
+        found = _text(attrs.get("format"))
+        if found != self._format:
+            raise FileLevelError(
+                f"{self.path}: cannot append: root attribute 'format' is {found!r}, expected {self._format!r}"
+            )
+        if _int(attrs.get("version")) != VERSION:
+            raise FileLevelError(
+                f"{self.path}: cannot append: contract version {attrs.get('version')!r}, this writer writes {VERSION}"
+            )
+        if self.kind == "feats":
+            return
+        try:
+            classes = json.loads(_text(attrs.get("classes")) or "null")
+        except json.JSONDecodeError:
+            classes = None
+        background = _int(attrs.get("background"))
+        ignore_index = _int(attrs.get("ignore_index"))
+        if not isinstance(classes, list) or background is None or ignore_index is None:
+            raise FileLevelError(
+                f"{self.path}: cannot append: expected root attributes 'classes' (JSON list), "
+                "'background' and 'ignore_index' (integers)"
+            )
+        background = None if background < 0 else background
+        if not have_classes:
+            self.classes, self.background, self.ignore_index = classes, background, ignore_index
+            return
+        for name, mine, theirs in (
+            ("classes", self.classes, classes),
+            ("background", self.background, background),
+            ("ignore_index", self.ignore_index, ignore_index),
+        ):
+            if mine != theirs:
+                raise FileLevelError(
+                    f"{self.path}: cannot append: the file's {name} is {_short(theirs)}, "
+                    f"this writer's is {_short(mine)} (write to a new file, or delete this one)"
+                )
+
+    # -- the API ------------------------------------------------------------------------------
+    def __enter__(self) -> "Writer":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Flush and close the file (closing twice is harmless)."""
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+    def __repr__(self) -> str:
+        state = "open" if self._file is not None else "closed"
+        return f"Writer({str(self.path)!r}, kind={self.kind!r}, dtype={self.dtype.name!r}, {state})"
+
+    def __contains__(self, image_id: str) -> bool:
+        """Whether ``image_id`` is complete in the file (an interrupted group is not)."""
+        if not isinstance(image_id, str) or not ID_PATTERN.match(image_id) or image_id in (".", ".."):
+            return False
+        group = self._handle().get(image_id)
+        return isinstance(group, h5py.Group) and INCOMPLETE_ATTR not in group.attrs
+
+    def add(self, image_id: str, *, cam=None, labels=None, base=None, image=None, uss=None, wss=None) -> bool:
+        """Write one image; return False (writing nothing) when it is already complete.
+
+        Arrays may be NumPy arrays or torch tensors (copied to the CPU).
+
+        Parameters
+        ----------
+        image_id : str
+            Letters, digits, ``_``, ``-``, ``.`` (FORMATS.md "Image ids").
+        cam : array [K, h, w], float (cams)
+            Raw class activation maps, one channel per tag, any resolution.
+        labels : array [K], int (cams)
+            The tags: foreground class ids, unique; channels are stored sorted by tag.
+        base : array [H, W], int, optional (cams)
+            Base pseudo-mask: class ids or ``ignore_index``.
+        image : array [H, W, 3], uint8, optional (cams)
+            The RGB image; same H x W as ``base`` when both are given.
+        uss : array [D, h, w], float, optional (feats)
+            Unsupervised features.
+        wss : array [D, h, w] or mapping of layer name -> array [D, h, w], optional (feats)
+            Features of the weakly-supervised network, one map or one per layer.
+
+        Raises
+        ------
+        InputError
+            An array breaks the contract (names the image, the dataset, expected vs found).
+        FileLevelError
+            The file cannot be written (disk full, closed file).
+        """
+        handle = self._handle()
+        given_feats = uss is not None or wss is not None
+        given_cams = any(v is not None for v in (cam, labels, base, image))
+        if self.kind != "feats" and (cam is None or labels is None or (given_feats and self.kind == "cams")):
+            raise TypeError(f"a {self.kind} Writer takes cam= and labels= (optionally base=, image=)"
+                            + (", uss=, wss=" if self.kind == "combined" else ""))
+        if self.kind == "feats" and (given_cams or not given_feats):
+            raise TypeError("a feats Writer takes uss= and/or wss=")
+        if not isinstance(image_id, str):
+            raise TypeError(f"image_id must be a str, got {type(image_id).__name__}")
+        check_id(image_id, str(self.path))
+        if image_id in self:
+            return False
+        try:
+            datasets = self._cams(cam, labels, base, image) if self.kind != "feats" else {}
+            datasets.update(self._feats(uss, wss))
+        except BadArray as exc:
+            raise InputError(image_id, f"{self.path}:/{image_id}/{exc.dataset}", exc.problem) from None
+        try:
+            self._write(handle, image_id, datasets)
+        except OSError as exc:
+            raise FileLevelError(f"{self.path}: cannot write image {image_id}: {exc}") from None
+        return True
+
+    # -- internals ----------------------------------------------------------------------------
+    def _handle(self) -> h5py.File:
+        if self._file is None:
+            raise FileLevelError(f"{self.path}: the Writer is closed")
+        return self._file
+
+    def _cams(self, cam, labels, base, image) -> dict:
+        maps, tags = check_cams(cam, labels, num_classes=len(self.classes), background=self.background)
+        datasets = {"cam": to_storage(maps, self.dtype, "cam"), "labels": tags}
+        if base is not None:
+            datasets["base"] = check_base(base, num_classes=len(self.classes), ignore_index=self.ignore_index)
+        if image is not None:
+            datasets["image"] = check_image(image)
+        if "base" in datasets and "image" in datasets and datasets["base"].shape != datasets["image"].shape[:2]:
+            raise BadArray(
+                "base",
+                f"expected the image's H x W {list(datasets['image'].shape[:2])}, found {list(datasets['base'].shape)}",
+            )
+        return datasets
+
+    def _feats(self, uss, wss) -> dict:
+        datasets: dict = {}
+        if uss is not None:
+            datasets["uss"] = to_storage(check_map(uss, "uss", "Dhw"), self.dtype, "uss")
+        if isinstance(wss, Mapping):
+            if not wss:
+                raise BadArray("wss", "expected one or more layers, found an empty mapping")
+            layers = {}
+            for layer, value in wss.items():
+                if not isinstance(layer, str) or not layer or "/" in layer or layer in (".", ".."):
+                    raise BadArray("wss", f"layer names must be non-empty strings without '/', found {layer!r}")
+                name = f"wss/{layer}"
+                layers[layer] = to_storage(check_map(value, name, "Dhw"), self.dtype, name)
+            datasets["wss"] = layers
+        elif wss is not None:
+            datasets["wss"] = to_storage(check_map(wss, "wss", "Dhw"), self.dtype, "wss")
+        return datasets
+
+    def _write(self, handle: h5py.File, image_id: str, datasets: dict) -> None:
+        if image_id in handle:  # an interrupted earlier attempt
+            del handle[image_id]
+        group = handle.create_group(image_id)
+        group.attrs[INCOMPLETE_ATTR] = np.int8(1)
+        for name, value in datasets.items():
+            if isinstance(value, dict):
+                layers = group.create_group(name)
+                for layer, array in value.items():
+                    _create(layers, layer, array)
+            else:
+                _create(group, name, value)
+        handle.flush()  # the data reach the file before the group is declared complete
+        del group.attrs[INCOMPLETE_ATTR]
+        handle.flush()
+
+
+def _create(parent: h5py.Group, name: str, array: np.ndarray) -> None:
+    parent.create_dataset(
+        name,
+        data=array,
+        chunks=chunk_shape(array.shape, array.dtype.itemsize),
+        compression="gzip",
+        compression_opts=GZIP_LEVEL,
+        shuffle=array.dtype.itemsize > 1,
+    )
+
+
+def _class_list(classes, background) -> tuple[list[str], int | None]:
+    """Names and background id from a preset name/path, a Preset or a list of names."""
+    if isinstance(classes, (str, Path)):
+        classes = resolve_preset(classes)
+    if isinstance(classes, Preset):
+        names, default = list(classes.classes), classes.background
+    elif isinstance(classes, Sequence) and all(isinstance(c, str) for c in classes):
+        names = list(classes)
+        lowered = [c.lower() for c in names]
+        default = lowered.index("background") if "background" in lowered else None
+    else:
+        raise TypeError("classes must be a preset name, a class-list file, a Preset or a list of names")
+    if not names or len(names) > 255 or len(set(names)) != len(names):
+        raise DHRLabelError(f"classes: expected 1 to 255 unique names, found {len(names)} ({len(set(names))} unique)")
+    chosen = default if background is _FROM_CLASSES else background
+    if chosen is not None and not (isinstance(chosen, (int, np.integer)) and 0 <= chosen < len(names)):
+        raise ValueError(f"background must be None or a class id in [0, {len(names)}), got {chosen!r}")
+    return names, None if chosen is None else int(chosen)
+
+
+def _text(value) -> str | None:
+    return value.decode() if isinstance(value, bytes) else value if isinstance(value, str) else None
+
+
+def _int(value) -> int | None:
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        return None
+
+
+def _short(value) -> str:
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
