@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from . import inspect, refine, score, show  # noqa: F401  (each module registers its command)
+from . import pack  # noqa: F401
 from .app import app
 
 
