@@ -119,7 +119,8 @@ def as_rgb_uint8(data: np.ndarray, image_id: str, source: str, notes: list[str] 
         data = data[:, :, :3]
     if done and notes is not None:
         notes.append(f"{name}: " + ", ".join(done))
-    return np.ascontiguousarray(data)
+    # C-contiguous and writable: pydensecrf refuses read-only buffers (e.g. np.asarray of a PIL image).
+    return np.require(data, dtype=np.uint8, requirements=["C", "W"])
 
 
 class _ContractFile:
