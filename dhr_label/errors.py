@@ -25,6 +25,10 @@ class InputError(DHRLabelError):
         self.problem = problem
         super().__init__(f"{image_id}: {source}: {problem}")
 
+    def __reduce__(self):
+        # Rebuild from the three fields, so the error survives a trip between processes.
+        return (type(self), (self.image_id, self.source, self.problem))
+
 
 class FileLevelError(DHRLabelError):
     """A fault that concerns a whole file or directory: the run cannot start or go on."""

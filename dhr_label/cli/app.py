@@ -13,8 +13,10 @@ import sys
 import traceback
 from pathlib import Path
 
+import click
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
@@ -62,7 +64,8 @@ def _root(
 
 def fail(message: str, code: int = EXIT_FAILED) -> "typer.Exit":
     """Print ``error: message`` on stderr and return the exit to raise."""
-    err_console.print(f"[bold red]error:[/] {message}", markup=True, soft_wrap=True)
+    # escape: messages quote shapes like [K, h, w] and paths, which are not markup
+    err_console.print(f"[bold red]error:[/] {escape(message)}", markup=True, soft_wrap=True)
     return typer.Exit(code)
 
 
@@ -77,9 +80,11 @@ def guarded(command):
     def wrapper(*args, **kwargs):
         try:
             return command(*args, **kwargs)
-        except typer.Exit:
-            raise
+        except (typer.Exit, click.exceptions.ClickException):
+            raise  # usage errors keep Typer's message and exit code 2
         except DHRLabelError as exc:
+            if _state["debug"]:
+                traceback.print_exc(file=sys.stderr)
             raise fail(str(exc)) from None
         except KeyboardInterrupt:
             err_console.print("interrupted", style="yellow")
