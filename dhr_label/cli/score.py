@@ -25,7 +25,8 @@ from ..evaluate import (
 )
 from ..io.atomic import write_bytes_atomic
 from ..io.ids import read_ids
-from ..presets import IGNORE_INDEX, Preset, resolve_preset
+from ..io.manifest import MANIFEST_PREFIX, read_manifest
+from ..presets import IGNORE_INDEX, Preset, preset_from_classes, resolve_preset
 from ..runtime.parallel import default_workers
 from ..visual import encode_png, render_confusion
 from .app import (
@@ -52,7 +53,7 @@ DirOption = dict(exists=True, file_okay=False, dir_okay=True, readable=True)
 def score(
     gt: Annotated[Path, typer.Option("--gt", help="Ground-truth masks <id>.png (255 = ignore).", **DirOption)],
     pred: Annotated[Path, typer.Option("--pred", help="Predicted masks <id>.png (refine's --out).", **DirOption)] = DEFAULT_MASKS_DIR,
-    classes: Annotated[str, typer.Option("--classes", help="Dataset preset (voc, coco, context, context59, ade, stuff, camvid) or a class-list file.")] = "voc",
+    classes: Annotated[Optional[str], typer.Option("--classes", help="Dataset preset (voc, coco, context, context59, ade, stuff, camvid) or a class-list file. Default: the classes refine recorded in PRED's manifest, else voc.", show_default=False)] = None,
     ids: Annotated[Optional[Path], typer.Option("--ids", help="Score only these ids (one a line); default: every ground-truth mask.", exists=True, dir_okay=False)] = None,
     allow_missing: Annotated[bool, typer.Option("--allow-missing", help="Score a ground truth without prediction as all-wrong (reported) instead of failing.")] = False,
     compare: Annotated[Optional[Path], typer.Option("--compare", help="A second prediction directory to report side by side (deltas = PRED - COMPARE).", **DirOption)] = None,
@@ -65,7 +66,7 @@ def score(
     accuracies, fwIoU, FP/FN rates and the vanished (image, class) rate, from exact int64
     confusion matrices. A ground truth without prediction is an error unless --allow-missing.
     """
-    preset = resolve_preset(classes)
+    preset = resolve_preset(classes) if classes else _recorded_preset(pred)
     all_gt = ground_truth(gt)
     chosen = all_gt if ids is None else select(all_gt, read_ids(ids), gt_dir=gt)
     matchings = [match(chosen, d, known=set(all_gt)) for d in [pred] + ([compare] if compare else [])]
@@ -106,6 +107,20 @@ def _notes(matching: Matching) -> None:
             f"prediction in {matching.pred_dir}; scored as all-wrong "
             f"(first: {first_ids(matching.missing)})", style="yellow", soft_wrap=True,
         )
+
+
+def _recorded_preset(pred: Path) -> Preset:
+    """The classes refine wrote into ``pred``'s manifest; VOC (said on stderr) without one."""
+    for path in sorted(pred.glob(f"{MANIFEST_PREFIX}*.json")):
+        try:
+            recorded = read_manifest(path).get("preset") or {}
+        except (OSError, ValueError):
+            continue
+        if recorded.get("classes"):
+            background = recorded.get("background")
+            return preset_from_classes(recorded["classes"], background, name=recorded.get("name", "manifest"))
+    err_console.print(f"note: no --classes and no refine manifest in {pred}: scoring with the voc classes")
+    return resolve_preset("voc")
 
 
 def _run(matching: Matching, preset: Preset, workers: int) -> ScoreRun:
