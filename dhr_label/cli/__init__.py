@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from . import inspect, refine, score, show  # noqa: F401  (each module registers its command)
 from . import pack  # noqa: F401
+from . import merge  # noqa: F401
 from .app import app
 
 

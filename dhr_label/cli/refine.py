@@ -1,8 +1,11 @@
 """``dhr-label refine``: DHR pseudo-masks for every image of a cams.h5 / feats.h5 pair."""
 from __future__ import annotations
 
+import contextlib
+import enum
 import json
 import time
+from functools import partial
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -17,13 +20,35 @@ from ..io.ids import read_ids
 from ..io.manifest import MANIFEST_FORMAT, describe_file, environment, manifest_path, write_manifest
 from ..params import CapMode, CRFParams, DHRParams, Marginal, OTParams, Steps
 from ..presets import check_agreement, preset_from_classes, resolve_preset
-from ..runtime.parallel import default_workers
+from ..runtime.parallel import cluster_threads, dask_client, default_workers
 from ..runtime.refine_run import (
     DONE, FAILED, ImageResult, RefineJob, Shard, finished_unreported, output_lock, prepare_output, run_images, select_ids,
 )
 from .app import DEFAULT_MASKS_DIR, EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, app, err_console, fail, guarded
 
 _D = DHRParams()  # only to show the defaults in --help; the values come from DHRParams itself
+
+
+class Backend(str, enum.Enum):
+    """The joblib backend that runs the workers."""
+
+    loky = "loky"  # processes on this machine
+    dask = "dask"  # the workers of a Dask distributed cluster (--scheduler)
+
+
+@contextlib.contextmanager
+def engine(backend: Backend, scheduler: str | None, workers: int | None):
+    """``(run, n_workers)`` for this run: ``run(job, ids)`` yields every image's result.
+
+    A Dask client stays connected for the block; its cluster's threads are the worker count.
+    """
+    if backend is Backend.dask:
+        with dask_client(scheduler) as client:
+            n_workers = cluster_threads(client)
+            yield partial(run_images, workers=n_workers, backend="dask", client=client), n_workers
+        return
+    n_workers = workers or default_workers()
+    yield partial(run_images, workers=n_workers), n_workers
 
 
 def build_params(
@@ -69,7 +94,9 @@ def refine_command(
     images: Annotated[Optional[Path], typer.Option("--images", help="Directory of <id>.jpg|.png images (wins over the file's).", exists=True, file_okay=False)] = None,
     base: Annotated[Optional[Path], typer.Option("--base", help="Directory of <id>.png base masks (wins over the file's).", exists=True, file_okay=False)] = None,
     classes: Annotated[Optional[str], typer.Option("--classes", help="Dataset preset (voc, coco, context, context59, ade, stuff, camvid) or a class-list file; checked against the file's classes. Default: the file's.")] = None,
-    workers: Annotated[Optional[int], typer.Option("--workers", "-j", min=1, help="Worker processes (default: all cores).")] = None,
+    workers: Annotated[Optional[int], typer.Option("--workers", "-j", min=1, help="Worker processes (default: all cores; a Dask cluster has its own).")] = None,
+    backend: Annotated[Backend, typer.Option("--backend", help="Worker engine: loky (processes on this machine) or dask (a Dask distributed cluster, with --scheduler).")] = Backend.loky,
+    scheduler: Annotated[Optional[str], typer.Option("--scheduler", help="Address of the Dask scheduler for --backend dask, e.g. tcp://10.0.0.5:8786.")] = None,
     ids: Annotated[Optional[Path], typer.Option("--ids", help="Only the ids listed in this file (one a line).", exists=True, dir_okay=False)] = None,
     limit: Annotated[Optional[int], typer.Option("--limit", min=1, help="Only the first N ids (after --ids and --shard).")] = None,
     shard: Annotated[Optional[str], typer.Option("--shard", help="Run shard I of N (I/N), a deterministic split of the ids for cluster arrays.")] = None,
@@ -127,6 +154,13 @@ def refine_command(
             f"--feats is required for ablation row {row} (Steps 2/3 use USS/WSS features); "
             "use --row 4 for Step 1 alone", code=2
         )
+    if backend is Backend.dask:
+        if scheduler is None:
+            raise fail("--backend dask needs --scheduler ADDRESS (e.g. tcp://host:8786)", code=2)
+        if workers is not None:
+            raise fail("--workers applies to --backend loky; a Dask cluster runs as many tasks as its workers have threads", code=2)
+    elif scheduler is not None:
+        raise fail("--scheduler is the address of a Dask scheduler: it needs --backend dask", code=2)
     combined = feats is not None and cams.resolve() == feats.resolve()
 
     with CamsFile.open(cams, combined=combined) as cams_file:
@@ -148,7 +182,7 @@ def refine_command(
         cams=cams, feats=feats if needs_feats else None, out=out, params=params,
         background=preset.background, palette=preset.palette, images_dir=images, base_dir=base,
     )
-    with output_lock(out, the_shard, token=job.token):
+    with output_lock(out, the_shard, token=job.token), engine(backend, scheduler, workers) as (run, n_workers):
         todo = selected if overwrite else [i for i in selected if not (out / f"{i}.png").exists()]
         skipped = len(selected) - len(todo)
         failures: list[dict] = []
@@ -157,7 +191,6 @@ def refine_command(
             absent = [i for i in todo if i not in feats_ids]
             early = [ImageResult(i, FAILED, f"{feats}: no group /{i} in this file") for i in absent]
             todo = [i for i in todo if i in feats_ids]
-        n_workers = workers or default_workers()
         counts = {"selected": len(selected), "done": 0, "skipped": skipped, "failed": 0}
         notes: dict[str, list[str]] = {}
         step_seconds: dict[str, float] = {}
@@ -194,7 +227,7 @@ def refine_command(
                     progress.advance(bar)
                 stop = strict and counts["failed"] > 0
                 if not stop:
-                    results = run_images(job, todo, workers=n_workers)
+                    results = run(job, todo)
                     try:
                         for result in results:
                             record(result)
@@ -233,6 +266,7 @@ def refine_command(
                 "images": describe_file(images), "base": describe_file(base), "ids": describe_file(ids),
             },
             "selection": {"limit": limit, "overwrite": overwrite, "workers": n_workers},
+            "engine": {"backend": backend.value, "scheduler": scheduler},
             "shard": {"index": the_shard.index, "count": the_shard.count},
             "counts": counts,
             "timing": {"per_step_seconds": {k: round(v, 4) for k, v in step_seconds.items()}},

@@ -1,13 +1,24 @@
-"""One level of parallelism: chunks of image ids over joblib worker processes."""
+"""One level of parallelism: chunks of image ids over joblib workers.
+
+Two joblib backends: ``loky`` (processes on this machine, the default) and ``dask`` (the
+workers of a Dask distributed cluster, reached through its scheduler). Either way a worker
+gets a module-level function and a chunk of ids, opens its own files and returns small
+results; nothing here is an RPC layer of its own.
+"""
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 from collections.abc import Callable, Iterator, Sequence
 from typing import TypeVar
 
+from ..errors import DHRLabelError
+
 T = TypeVar("T")
 R = TypeVar("R")
+
+BACKENDS = ("loky", "dask")
 
 
 def default_workers() -> int:
@@ -18,11 +29,12 @@ def default_workers() -> int:
         return max(1, os.cpu_count() or 1)
 
 
-def chunked(items: Sequence[T], *, workers: int, per_worker: int = 4, max_size: int = 256) -> list[list[T]]:
+def chunked(items: Sequence[T], *, workers: int, per_worker: int = 16, max_size: int = 256) -> list[list[T]]:
     """Split ``items`` into about ``per_worker`` chunks per worker, each at most ``max_size``.
 
-    Chunks amortise the cost of a task; several per worker keep the progress bar moving and
-    the workers evenly loaded.
+    Chunks amortise the cost of a task. Many per worker keep the workers evenly loaded to the
+    end: a worker that draws the last chunk leaves the others idle for at most one chunk,
+    ``1 / per_worker`` of the run (an image is ~1 s of DenseCRF, a task costs milliseconds).
     """
     if not items:
         return []
@@ -31,32 +43,85 @@ def chunked(items: Sequence[T], *, workers: int, per_worker: int = 4, max_size: 
     return [list(items[i : i + size]) for i in range(0, len(items), size)]
 
 
+@contextlib.contextmanager
+def dask_client(scheduler: str):
+    """A Dask ``distributed.Client`` connected to the scheduler at ``scheduler`` (e.g.
+    ``tcp://host:8786``) for the block, closed on exit. A caller that already holds a client
+    passes it to :func:`map_chunks` directly."""
+    try:
+        from distributed import Client
+        from distributed.comm import parse_address
+        from distributed.comm.registry import get_backend
+    except ImportError:
+        raise DHRLabelError("--backend dask needs Dask distributed: pip install 'dask[distributed]'") from None
+    try:
+        # A bad scheme is caught here: a Client that fails on it leaves noise at exit.
+        get_backend(parse_address(scheduler)[0])
+    except ValueError as exc:
+        raise DHRLabelError(f"--scheduler {scheduler!r} is not a Dask scheduler address (e.g. tcp://host:8786): {exc}") from None
+    try:
+        client = Client(scheduler, timeout="20s", set_as_default=False)
+    except (OSError, TimeoutError, ValueError) as exc:
+        raise DHRLabelError(f"cannot reach the Dask scheduler at {scheduler}: {exc}") from None
+    try:
+        yield client
+    finally:
+        client.close()
+
+
+def cluster_threads(client) -> int:
+    """How many tasks the cluster runs at once (the sum of its workers' threads)."""
+    return max(1, sum(client.nthreads().values()))
+
+
 def map_chunks(
     function: Callable[[list[T]], R],
     chunks: Sequence[list[T]],
     *,
     workers: int,
     on_done: Callable[[list[T], R], None] | None = None,
+    backend: str = "loky",
+    client=None,
 ) -> Iterator[R]:
     """Yield ``function(chunk)`` for every chunk, as they complete (order not kept).
 
-    With one worker, or one chunk, everything runs in this process (no start-up cost).
+    ``loky``: ``workers`` processes on this machine, each with one BLAS/OpenMP thread (they
+    parallelise over images; PERFORMANCE-NOTES.md). With one worker, or one chunk, everything
+    runs in this process (no start-up cost). ``dask``: the chunks go to the workers of the
+    cluster ``client`` is connected to (see :func:`dask_client`); ``workers`` is not used.
+
     ``function`` must be a module-level function: it is pickled to the workers, which open
     their own files. ``on_done(chunk, result)`` runs in this process after each chunk, e.g. to
     advance the one progress bar.
     """
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    from joblib import Parallel, delayed, parallel_config
+
+    tasks = (delayed(_tagged)(function, chunk) for chunk in chunks)
+    if backend == "dask":
+        if client is None:
+            raise ValueError("the dask backend needs a connected client (see dask_client)")
+        with parallel_config(backend="dask", client=client):
+            yield from _deliver(Parallel(n_jobs=-1, return_as="generator_unordered")(tasks), on_done)
+        return
     workers = max(1, min(workers, len(chunks)))
     if workers == 1:
-        results = ((chunk, function(chunk)) for chunk in chunks)
-    else:
-        from joblib import Parallel, delayed
+        yield from _deliver(((chunk, function(chunk)) for chunk in chunks), on_done)
+        return
+    with parallel_config(backend="loky", inner_max_num_threads=1):
+        yield from _deliver(Parallel(n_jobs=workers, return_as="generator_unordered")(tasks), on_done)
 
-        parallel = Parallel(n_jobs=workers, return_as="generator_unordered")
-        results = parallel(delayed(_tagged)(function, chunk) for chunk in chunks)
-    for chunk, result in results:
-        if on_done is not None:
-            on_done(chunk, result)
-        yield result
+
+def _deliver(results, on_done):
+    """Yield the results; closing this generator early closes ``results`` (stops the workers)."""
+    try:
+        for chunk, result in results:
+            if on_done is not None:
+                on_done(chunk, result)
+            yield result
+    finally:
+        results.close()
 
 
 def _tagged(function, chunk):

@@ -335,7 +335,7 @@ def output_lock(out: Path, shard: Shard = Shard(), *, token: str | None = None):
         handle.close()
 
 
-def run_images(job: RefineJob, ids: list[str], *, workers: int, on_result=None):
+def run_images(job: RefineJob, ids: list[str], *, workers: int, on_result=None, backend: str = "loky", client=None):
     """Refine ``ids`` over ``workers`` processes; yield every :class:`ImageResult` as it ends.
 
     ``on_result(result)`` is called in this process for every result (progress). Closing the
@@ -344,10 +344,13 @@ def run_images(job: RefineJob, ids: list[str], *, workers: int, on_result=None):
 
     Chunks are small (one image in this process, a few per task in a pool) so that the
     progress bar moves and an interruption loses little work in flight.
+
+    ``backend="dask"`` sends the chunks to the cluster of ``client`` (a connected
+    ``distributed.Client``); ``workers`` is then the cluster's thread count, for chunking.
     """
     chunks = chunked(ids, workers=workers, max_size=1 if workers <= 1 else 8)
     task = partial(refine_chunk, job)
-    results = map_chunks(task, chunks, workers=workers)
+    results = map_chunks(task, chunks, workers=workers, backend=backend, client=client)
     try:
         for batch in results:
             for result in batch:
