@@ -22,7 +22,8 @@ from ..params import CapMode, CRFParams, DHRParams, Marginal, OTParams, Steps
 from ..presets import check_agreement, preset_from_classes, resolve_preset
 from ..runtime.parallel import cluster_threads, dask_client, default_workers
 from ..runtime.refine_run import (
-    DONE, FAILED, ImageResult, RefineJob, Shard, finished_unreported, output_lock, prepare_output, run_images, select_ids,
+    DONE, FAILED, ImageResult, InterruptWatch, RefineJob, Shard, finished_unreported, output_lock, prepare_output,
+    run_images, select_ids,
 )
 from .app import DEFAULT_MASKS_DIR, EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, app, err_console, fail, guarded
 
@@ -220,7 +221,7 @@ def refine_command(
             disable=not err_console.is_terminal,
         )
         try:
-            with progress:
+            with progress, InterruptWatch() as watch:
                 bar = progress.add_task("refine", total=len(todo) + len(early), rate="")
                 for result in early:
                     record(result)
@@ -233,6 +234,8 @@ def refine_command(
                             record(result)
                             elapsed = time.perf_counter() - t0
                             progress.update(bar, advance=1, rate=f"{(counts['done'] + counts['failed']) / max(elapsed, 1e-9):.2f} img/s")
+                            if watch.requested:  # a Ctrl-C Python swallowed in a callback
+                                raise KeyboardInterrupt
                             if result.fatal:
                                 fatal = result.reason
                                 break

@@ -12,6 +12,9 @@ import fcntl
 import os
 import platform
 import secrets
+import signal
+import sys
+import threading
 import time
 import traceback
 import warnings
@@ -55,6 +58,7 @@ class RefineJob:
     images_dir: Path | None = None
     base_dir: Path | None = None
     token: str = field(default_factory=new_token)  # in the names of this run's temporaries
+    parent: int = field(default_factory=os.getpid)  # the process that drives the run
 
 
 @dataclass
@@ -212,7 +216,16 @@ def _warning_notes(caught: list[warnings.WarningMessage]) -> list[str]:
 
 def refine_chunk(job: RefineJob, ids: list[str]) -> list[ImageResult]:
     """Refine a chunk of ids (a worker's task)."""
+    _leave_ctrl_c_to_the_parent(job)
     return [refine_one(job, image_id) for image_id in ids]
+
+
+def _leave_ctrl_c_to_the_parent(job: RefineJob) -> None:
+    """In a worker process, ignore SIGINT: a terminal's Ctrl-C reaches the whole process group,
+    and the parent alone stops the pool, counts what was written and removes temporaries
+    (a worker interrupted on its own only prints a traceback)."""
+    if os.getpid() != job.parent and threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -359,6 +372,34 @@ def run_images(job: RefineJob, ids: list[str], *, workers: int, on_result=None, 
                 yield result
     finally:
         results.close()
+
+
+class InterruptWatch:
+    """Notice a Ctrl-C that Python swallowed.
+
+    SIGINT raises ``KeyboardInterrupt`` wherever the main thread is; when that is a callback
+    run by the garbage collector (frequent while joblib waits for results), Python prints
+    "Exception ignored in ... KeyboardInterrupt" with a traceback and goes on as if nothing
+    happened. Inside this context such an exception is kept quiet and remembered in
+    :attr:`requested`, which the result loop checks to stop as for any Ctrl-C.
+    """
+
+    def __init__(self):
+        self.requested = False
+        self._previous = None
+
+    def _hook(self, unraisable) -> None:
+        if issubclass(unraisable.exc_type, KeyboardInterrupt):
+            self.requested = True
+        else:
+            self._previous(unraisable)
+
+    def __enter__(self) -> "InterruptWatch":
+        self._previous, sys.unraisablehook = sys.unraisablehook, self._hook
+        return self
+
+    def __exit__(self, *exc) -> None:
+        sys.unraisablehook = self._previous
 
 
 def finished_unreported(out: Path, ids: list[str]) -> list[str]:
