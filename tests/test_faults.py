@@ -368,6 +368,15 @@ def test_an_output_directory_that_cannot_be_created(tmp_path):
     assert result.stderr.strip() == f"error: cannot create the output directory {blocker / 'masks'}: Not a directory"
 
 
+def test_debug_shows_the_traceback_of_a_file_level_fault(tmp_path):
+    data = make_dataset(tmp_path / "in", records=records())
+    data.cams.write_bytes(b"")
+    result = run_refine(data, tmp_path / "out", root=("--debug",))
+    assert result.exit_code == 1
+    assert "Traceback (most recent call last)" in result.stderr
+    assert result.stderr.rstrip().endswith(f"error: cams file {data.cams} is empty (0 bytes)")
+
+
 def test_debug_shows_the_traceback_of_an_unexpected_error(tmp_path, monkeypatch):
     import dhr_label.cli.refine as refine_cli
 

@@ -161,3 +161,33 @@ def test_concurrent_shards_share_a_directory_and_stale_temporaries_wait(small, t
     assert alone.exit_code == 0
     assert temporaries(out) == []  # no other run active: stale temporaries are removed
     assert sorted(masks_in(out)) == small.ids
+
+
+def _loky_workers(parent: int) -> list[int]:
+    found = []
+    for child in Path(f"/proc/{parent}/task/{parent}/children").read_text().split():
+        command = Path(f"/proc/{child}/cmdline").read_bytes().replace(b"\0", b" ")
+        if b"loky" in command and b"resource_tracker" not in command:
+            found.append(int(child))
+    return found
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").exists(), reason="finds the workers through /proc")
+def test_a_dead_worker_stops_the_run_with_a_summary_and_the_rerun_finishes(data, reference, tmp_path):
+    out = tmp_path / "masks"
+    process = start(data, out)
+    wait_for(some_masks(out), process, "first mask")
+    workers = _loky_workers(process.pid)
+    assert workers, "no loky worker found"
+    os.kill(workers[0], signal.SIGKILL)  # as the out-of-memory killer would
+    _, stderr = process.communicate(timeout=WAIT)
+    assert process.returncode == 1
+    assert "error: the run stopped: TerminatedWorkerError" in stderr
+    assert "Traceback" not in stderr
+    manifest = read_json(out / MANIFEST)
+    assert manifest["error"].startswith("the run stopped: TerminatedWorkerError")
+    assert manifest["counts"]["done"] == len(masks_in(out))
+    assert temporaries(out) == []
+    again = run_refine(data, out)
+    assert again.exit_code == 0, again.stderr
+    assert masks_in(out) == reference
