@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from dhr_label.runtime.refine_run import Shard, output_lock
+from dhr_label.runtime.refine_run import MTIME_SLACK, Shard, finished_unreported, output_lock
 from helpers_h5 import cli_command, make_dataset, masks_in, read_json, refine_args, run_refine, temporaries
 
 N = 60  # images: a two-worker run lasts long enough to be interrupted in the middle
@@ -191,3 +191,14 @@ def test_a_dead_worker_stops_the_run_with_a_summary_and_the_rerun_finishes(data,
     again = run_refine(data, out)
     assert again.exit_code == 0, again.stderr
     assert masks_in(out) == reference
+
+
+def test_masks_written_before_an_overwrite_run_are_not_counted_as_its_work(tmp_path):
+    now = time.time()
+    for name, age in (("old", 3600.0), ("new", 0.0)):
+        (tmp_path / f"{name}.png").write_bytes(b"png")
+        os.utime(tmp_path / f"{name}.png", (now - age, now - age))
+    ids = ["old", "new", "absent"]
+    assert finished_unreported(tmp_path, ids) == ["old", "new"]  # without --overwrite: existence
+    assert finished_unreported(tmp_path, ids, since=now) == ["new"]
+    assert finished_unreported(tmp_path, ids, since=now + MTIME_SLACK / 2) == ["new"]  # coarse clocks

@@ -250,7 +250,7 @@ def refine_command(
         finally:
             seconds = time.perf_counter() - t0
         # Masks written by workers stopped before they could report (atomic: they are complete).
-        late = finished_unreported(out, [i for i in todo if i not in reported])
+        late = finished_unreported(out, [i for i in todo if i not in reported], since=started if overwrite else None)
         counts["done"] += len(late)
         counts["not_run"] = counts["selected"] - counts["done"] - counts["skipped"] - counts["failed"]
         manifest = {

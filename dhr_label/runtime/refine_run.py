@@ -36,6 +36,8 @@ DONE, FAILED = "done", "failed"
 #: Held shared by every run writing into an output directory, exclusively by the one run
 #: that removes temporaries: a run never deletes a temporary another run is still writing.
 WRITERS_LOCK = ".dhr-label-writers.lock"
+#: Seconds of tolerance on modification times (FAT stores them to 2 s).
+MTIME_SLACK = 2.0
 #: Warnings of one image kept in its notes (the rest are counted).
 MAX_WARNING_NOTES = 3
 
@@ -402,7 +404,19 @@ class InterruptWatch:
         sys.unraisablehook = self._previous
 
 
-def finished_unreported(out: Path, ids: list[str]) -> list[str]:
+def finished_unreported(out: Path, ids: list[str], *, since: float | None = None) -> list[str]:
     """The ``ids`` whose mask exists in ``out``: after a run stopped early, the images its
-    workers wrote without reporting back (masks are atomic, so existing means complete)."""
-    return [image_id for image_id in ids if (out / f"{image_id}.png").exists()]
+    workers wrote without reporting back (masks are atomic, so existing means complete).
+
+    ``since`` (a ``time.time()``): count only masks written from then on, for ``--overwrite``
+    runs, where the previous run's mask of an image not yet redone also exists.
+    """
+    found = []
+    for image_id in ids:
+        try:
+            written = (out / f"{image_id}.png").stat().st_mtime
+        except OSError:
+            continue
+        if since is None or written >= since - MTIME_SLACK:
+            found.append(image_id)
+    return found
