@@ -103,6 +103,10 @@ class DHRParams:
     marginal_rebalance: Marginal = Marginal.area  # class marginal of the Step-2/3 OT calls
     marginal_floor: float = 0.01  # floor of the ``area`` marginal before renormalising
     marginal_kl: float = 0.1  # KL weight of the ``unbalanced`` marginal
+    # Our addition, not in the paper: after Step 3, a class of M_init that kept less than this
+    # fraction of its M_init region gets that region back (0 = off, the paper's behaviour).
+    guard: float = 0.0
+    guard_max_share: float = 1.0  # only classes below this share of M_init's pixels are guarded
 
     def __post_init__(self) -> None:
         problems = []
@@ -123,6 +127,10 @@ class DHRParams:
             problems.append(f"marginal floor must be in (0, 1), got {self.marginal_floor}")
         if not self.marginal_kl > 0:
             problems.append(f"marginal KL weight must be > 0, got {self.marginal_kl}")
+        if not 0.0 <= self.guard <= 1.0:
+            problems.append(f"guard must be in [0, 1], got {self.guard}")
+        if not 0.0 < self.guard_max_share <= 1.0:
+            problems.append(f"guard max share must be in (0, 1], got {self.guard_max_share}")
         if self.crf.iterations < 0:
             problems.append(f"CRF iterations must be >= 0, got {self.crf.iterations}")
         if problems:

@@ -126,6 +126,8 @@ def refine_command(
     crf_bi_sxy: Annotated[Optional[float], typer.Option("--crf-bi-sxy", help=f"Bilateral kernel sxy [default: {_D.crf.bilateral_sxy}].", show_default=False)] = None,
     crf_bi_srgb: Annotated[Optional[float], typer.Option("--crf-bi-srgb", help=f"Bilateral kernel srgb [default: {_D.crf.bilateral_srgb}].", show_default=False)] = None,
     crf_bi_compat: Annotated[Optional[float], typer.Option("--crf-bi-compat", help=f"Bilateral kernel weight [default: {_D.crf.bilateral_compat}].", show_default=False)] = None,
+    guard: Annotated[Optional[float], typer.Option("--guard", help=f"Ours, not the paper's: after Step 3, give a class back its M_init region when it kept less than this fraction of it; fewer vanished classes for a little mIoU (see README); 0 = off [default: {_D.guard}].", show_default=False)] = None,
+    guard_max_share: Annotated[Optional[float], typer.Option("--guard-max-share", help=f"Guard only classes covering less than this share of M_init [default: {_D.guard_max_share}].", show_default=False)] = None,
 ) -> None:
     """Refine the pseudo-masks of every image with DHR and write <out>/<id>.png.
 
@@ -143,6 +145,7 @@ def refine_command(
             "crf.gauss_sxy": crf_gauss_sxy, "crf.gauss_compat": crf_gauss_compat,
             "crf.bilateral_sxy": crf_bi_sxy, "crf.bilateral_srgb": crf_bi_srgb,
             "crf.bilateral_compat": crf_bi_compat,
+            "guard": guard, "guard_max_share": guard_max_share,
         },
     )
     try:

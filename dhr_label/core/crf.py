@@ -24,7 +24,7 @@ class ImageCRF:
     def __init__(self, image: np.ndarray, params: CRFParams):
         if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
             raise ValueError(f"image must be H x W x 3 uint8, got {image.dtype} {image.shape}")
-        self.image = np.ascontiguousarray(image)
+        self.image = np.require(image, requirements=["C", "W"])  # pydensecrf refuses read-only
         self.height, self.width = image.shape[:2]
         self.params = params
         self._models: dict[int, dcrf.DenseCRF2D] = {}

@@ -170,6 +170,73 @@ def correlated_groups(centroids: np.ndarray, tau: float) -> list[list[int]]:
     return groups
 
 
+def init_classes(init: np.ndarray) -> np.ndarray:
+    """Gamma of Step 2.1: the class ids present in M_init, ascending, int64 (ignore excluded)."""
+    counts = np.bincount(init.ravel(), minlength=256)
+    counts[IGNORE] = 0
+    return np.flatnonzero(counts).astype(np.int64)
+
+
+def rebalance_heat(
+    init: np.ndarray,
+    classes: np.ndarray,
+    uss: np.ndarray | None,
+    wss: list[np.ndarray] | None,
+    params: DHRParams,
+) -> tuple[np.ndarray, list[list[int]], dict[str, float]]:
+    """Steps 2-3 up to the heat maps H over ``classes`` (2 or more, from :func:`init_classes`).
+
+    Returns H (G x h x w float32 in [0, 1], on the USS grid, or the first WSS layer's when
+    USS is off), the WSS groups used (lists of class ids) and the seconds spent on heat maps
+    and OT.
+    """
+    t0 = time.perf_counter()
+    clip = params.ot.minmax_clip
+    steps = params.steps
+    floor = params.marginal_floor
+
+    def ot_over(scores: np.ndarray, members: np.ndarray) -> np.ndarray:
+        marginal, kl = class_marginal(params.marginal_rebalance, members, init, floor)
+        return _ot(scores.T, params, marginal, kl).T
+
+    groups: list[list[int]] = []
+    found: list[list[int]] = []
+    if steps.uss:
+        heat, centroids = uss_heat_maps(uss, init, classes, params.cap, clip)
+        grid = uss.shape[1:]
+        if steps.wss:
+            found = correlated_groups(centroids, params.tau)
+    else:
+        grid = wss[0].shape[1:]
+    # Step 3.2 only where it is used: a group with 2+ members, or WSS alone (row 6). Most
+    # images have no group, and the WSS maps are the costliest non-CRF work.
+    if steps.wss and (found or not steps.uss):
+        s_ws = wss_heat_maps(wss, grid, init, classes, params.cap, clip)
+    t1 = time.perf_counter()
+    if steps.uss and steps.wss:
+        for members in found:
+            index = np.asarray(members)
+            heat[index] = heat[index] * ot_over(s_ws[index], classes[index])
+            groups.append(classes[index].tolist())
+    elif steps.wss:  # Table 6 row 6: WSS alone
+        heat = s_ws
+    heat = minmax_rows(heat * ot_over(heat, classes), clip)
+    timings = {"heat_maps": t1 - t0, "ot": time.perf_counter() - t1}
+    return heat.reshape(len(classes), *grid), groups, timings
+
+
+def heat_mask(
+    heat: np.ndarray, classes: np.ndarray, init: np.ndarray, params: DHRParams, crf: ImageCRF | None
+) -> np.ndarray:
+    """Step 3.5: H (G x h x w) upsampled to the image, DenseCRF (argmax without), class ids."""
+    up = resize_bilinear(heat, init.shape)
+    winner = crf.labels(up) if crf is not None else np.argmax(up, axis=0)
+    mask = classes[winner].astype(np.uint8)
+    if params.guard > 0:
+        mask = guard_vanished(mask, init, classes, params.guard, params.guard_max_share)
+    return mask
+
+
 def rebalance(
     init: np.ndarray,
     uss: np.ndarray | None,
@@ -182,41 +249,39 @@ def rebalance(
     Returns the mask (H x W uint8), the WSS groups used (lists of class ids) and the seconds
     spent on heat maps, OT and the final CRF.
     """
-    classes = np.unique(init[init != IGNORE]).astype(np.int64)
-    if len(classes) <= 1:
+    classes = init_classes(init)
+    source = uss if params.steps.uss else (wss[0] if wss else None)
+    if source is None:
+        raise ValueError("Steps 2/3 need USS features (rows 5 and 7) or WSS features (row 6)")
+    if len(classes) <= 1 or source.shape[1] * source.shape[2] < 2:
+        # One class: nothing to rebalance. One feature cell: min-max over it leaves every
+        # heat map at 0, and the argmax would hand the image to the first class.
         return init.copy(), [], {}
-    t0 = time.perf_counter()
-    clip = params.ot.minmax_clip
-    steps = params.steps
-    floor = params.marginal_floor
-
-    def ot_over(scores: np.ndarray, members: np.ndarray) -> np.ndarray:
-        marginal, kl = class_marginal(params.marginal_rebalance, members, init, floor)
-        return _ot(scores.T, params, marginal, kl).T
-
-    groups: list[list[int]] = []
-    if steps.uss:
-        heat, centroids = uss_heat_maps(uss, init, classes, params.cap, clip)
-        grid = uss.shape[1:]
-    else:
-        grid = wss[0].shape[1:]
-    if steps.wss:
-        s_ws = wss_heat_maps(wss, grid, init, classes, params.cap, clip)
-    t1 = time.perf_counter()
-    if steps.uss and steps.wss:
-        for members in correlated_groups(centroids, params.tau):
-            index = np.asarray(members)
-            heat[index] = heat[index] * ot_over(s_ws[index], classes[index])
-            groups.append(classes[index].tolist())
-    elif steps.wss:  # Table 6 row 6: WSS alone
-        heat = s_ws
-    heat = minmax_rows(heat * ot_over(heat, classes), clip)
+    heat, groups, timings = rebalance_heat(init, classes, uss, wss, params)
     t2 = time.perf_counter()
-    up = resize_bilinear(heat.reshape(len(classes), *grid), init.shape)
-    winner = crf.labels(up) if crf is not None else np.argmax(up, axis=0)
-    mask = classes[winner].astype(np.uint8)
-    timings = {"heat_maps": t1 - t0, "ot": t2 - t1, "crf2": time.perf_counter() - t2}
+    mask = heat_mask(heat, classes, init, params, crf)
+    timings["crf2"] = time.perf_counter() - t2
     return mask, groups, timings
+
+
+def guard_vanished(
+    mask: np.ndarray, init: np.ndarray, classes: np.ndarray, ratio: float, max_share: float = 1.0
+) -> np.ndarray:
+    """Restore M_init's region of a minor class that rebalancing made vanish (our addition).
+
+    A class k of M_init covering less than ``max_share`` of M_init's labelled pixels vanished
+    when ``|{mask = k} & {init = k}| < ratio * |{init = k}|``; its M_init region is then
+    written back, as Step 1 restores lost tags into the base mask. The M_init regions are
+    disjoint, so the order of classes does not matter.
+    """
+    out = mask.copy()
+    labelled = int((init != IGNORE).sum())
+    for k in classes.tolist():
+        region = init == k
+        size = int(region.sum())
+        if size and size < max_share * labelled and int((mask[region] == k).sum()) < ratio * size:
+            out[region] = k
+    return out
 
 
 def refine(

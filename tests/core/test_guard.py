@@ -1,0 +1,87 @@
+"""Our additions to Step 3: the vanished-class guard and the one-cell fallback."""
+import numpy as np
+import pytest
+
+from dhr_label.core.dhr import guard_vanished, rebalance
+from dhr_label.params import DHRParams, Steps
+
+
+def _masks():
+    """M_init: class 1 everywhere but a 2 x 2 block of class 2 (4 of 64 pixels) and a 4 x 8
+    band of class 3 (32 pixels). M_dh kept 1 pixel of class 2 and all of class 3 but 8 pixels."""
+    init = np.ones((8, 8), dtype=np.uint8)
+    init[0:2, 0:2] = 2
+    init[4:8, :] = 3
+    mask = init.copy()
+    mask[0, 1] = mask[1, 0] = mask[1, 1] = 1  # class 2 keeps 1 of 4 pixels (25 %)
+    mask[4, :] = 1  # class 3 keeps 24 of 32 (75 %)
+    return init, mask
+
+
+def test_guard_restores_a_class_that_kept_less_than_the_ratio():
+    init, mask = _masks()
+    out = guard_vanished(mask, init, np.array([1, 2, 3]), 0.5)
+    assert (out[init == 2] == 2).all()  # 25 % < 50 %: restored
+    assert (out[4] == 1).all()  # class 3 kept 75 % >= 50 %: left as M_dh has it
+    assert (mask[0, 1] == 1) and (mask[4] == 1).all()  # the argument is not mutated
+
+
+def test_guard_ratio_boundary_is_strict():
+    init, mask = _masks()
+    # class 2 kept exactly 25 %: a ratio of 0.25 does not restore it, 0.26 does
+    assert (guard_vanished(mask, init, np.array([1, 2, 3]), 0.25)[init == 2] == 2).sum() == 1
+    assert (guard_vanished(mask, init, np.array([1, 2, 3]), 0.26)[init == 2] == 2).sum() == 4
+
+
+def test_guard_max_share_protects_only_minor_classes():
+    init, mask = _masks()
+    # class 2 holds 4/64 = 6.25 % of the pixels, class 3 50 %; at ratio 0.8 both vanished
+    everything = guard_vanished(mask, init, np.array([1, 2, 3]), 0.8)
+    assert (everything[init == 3] == 3).all() and (everything[init == 2] == 2).all()
+    minor = guard_vanished(mask, init, np.array([1, 2, 3]), 0.8, max_share=0.1)
+    assert (minor[init == 2] == 2).all()
+    assert (minor[4] == 1).all()  # class 3 is not minor: not guarded
+
+
+def test_guard_ignores_ignore_pixels_in_the_share():
+    init, mask = _masks()
+    init = init.copy()
+    init[2:4, :] = 255  # 16 ignore pixels: class 2 is now 4/48 = 8.3 % of the labelled ones
+    mask = mask.copy()
+    mask[2:4, :] = 1
+    assert (guard_vanished(mask, init, np.array([1, 2, 3]), 0.5, max_share=0.08)[init == 2] == 2).sum() == 1
+    assert (guard_vanished(mask, init, np.array([1, 2, 3]), 0.5, max_share=0.09)[init == 2] == 2).sum() == 4
+
+
+def test_guard_zero_is_the_papers_step_3():
+    rng = np.random.default_rng(0)
+    init = np.zeros((12, 16), dtype=np.uint8)
+    init[:, 8:] = 1
+    uss = rng.normal(size=(4, 3, 4)).astype(np.float32)
+    off, _, _ = rebalance(init, uss, None, DHRParams(steps=Steps.row(5)), None)
+    on, _, _ = rebalance(init, uss, None, DHRParams(steps=Steps.row(5), guard=1.0), None)
+    # with guard 1.0 every class whose M_init region changed at all gets it back
+    assert (on == init).all()
+    assert off.shape == init.shape
+
+
+def test_one_feature_cell_keeps_m_init():
+    init = np.zeros((6, 6), dtype=np.uint8)
+    init[:3] = 2
+    uss = np.ones((5, 1, 1), dtype=np.float32)
+    mask, groups, _ = rebalance(init, uss, None, DHRParams(steps=Steps.row(5)), None)
+    assert (mask == init).all() and groups == []
+
+
+def test_missing_feature_source_is_named():
+    init = np.zeros((6, 6), dtype=np.uint8)
+    init[:3] = 2
+    with pytest.raises(ValueError, match="USS"):
+        rebalance(init, None, None, DHRParams(steps=Steps.row(5)), None)
+
+
+def test_guard_parameters_are_checked():
+    with pytest.raises(ValueError, match="guard"):
+        DHRParams(guard=1.5)
+    with pytest.raises(ValueError, match="guard max share"):
+        DHRParams(guard_max_share=0.0)
