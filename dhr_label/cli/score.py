@@ -119,7 +119,7 @@ def _recorded_preset(pred: Path) -> Preset:
         if recorded.get("classes"):
             background = recorded.get("background")
             return preset_from_classes(recorded["classes"], background, name=recorded.get("name", "manifest"))
-    err_console.print(f"note: no --classes and no refine manifest in {pred}: scoring with the voc classes")
+    err_console.print(f"note: no --classes and no refine manifest in {pred}: scoring with the voc classes", soft_wrap=True)
     return resolve_preset("voc")
 
 
