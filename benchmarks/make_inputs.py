@@ -6,7 +6,7 @@ dataset has one), painted with a colour per class plus shading and noise; the CA
 blurred, noisy class fractions at stride 16 (weaker for small classes); the base mask is the
 truth with small classes lost and borders left unlabelled, as a propagation baseline does;
 the USS and WSS features are class prototypes mixed by the cells' class fractions, plus
-noise, with prototypes of "sibling" classes close enough (cosine ~0.85) for Step 3 to group
+noise, with prototypes of "sibling" classes close enough (cosine ~0.92) for Step 3 to group
 them.
 
 Deterministic (image i depends only on ``--seed`` and i) and streamed: one image is built,
@@ -79,7 +79,7 @@ def grid_for(size: tuple[int, int], *, stride: int | None = None, long_side: int
 class Prototypes:
     """Unit class prototypes of one feature space: siblings (same ``c % groups``) are close."""
 
-    def __init__(self, rng: np.random.Generator, num_classes: int, dim: int, *, groups: int, closeness: float = 0.92):
+    def __init__(self, rng: np.random.Generator, num_classes: int, dim: int, *, groups: int, closeness: float = 0.96):
         shared = _unit(rng.standard_normal((groups, dim)))
         own = _unit(rng.standard_normal((num_classes, dim)))
         group_of = np.arange(num_classes) % groups
@@ -104,7 +104,18 @@ def _smooth_field(rng: np.random.Generator, size: tuple[int, int], cells: int = 
     return resize_bilinear(coarse, size)[0]
 
 
-def scene(rng: np.random.Generator, scale: Scale, colours: np.ndarray):
+def pick_tags(rng: np.random.Generator, foreground: np.ndarray, count: int, groups: int) -> np.ndarray:
+    """``count`` distinct tags; each after the first is, half the time, a sibling (same
+    ``id % groups``) of one already drawn, as a cat comes with a dog more often than chance."""
+    tags = [int(rng.choice(foreground))]
+    while len(tags) < min(count, len(foreground)):
+        siblings = [c for c in foreground if c % groups in {t % groups for t in tags} and c not in tags]
+        pool = siblings if siblings and rng.random() < 0.5 else [c for c in foreground if c not in tags]
+        tags.append(int(rng.choice(pool)))
+    return np.array(sorted(tags))
+
+
+def scene(rng: np.random.Generator, scale: Scale, colours: np.ndarray, groups: int):
     """The truth label map, the tags and the RGB image of one synthetic image."""
     preset = preset_of(scale)
     background = preset.background
@@ -113,7 +124,7 @@ def scene(rng: np.random.Generator, scale: Scale, colours: np.ndarray):
     height, width = size
     low, high = scale.tags
     k = low + int((high - low + 1) * rng.random() ** 2)  # most images have few tags
-    tags = np.sort(rng.choice(foreground, size=min(k, len(foreground)), replace=False))
+    tags = pick_tags(rng, foreground, k, groups)
 
     yy = (np.arange(height, dtype=np.float32) / height)[:, None]
     xx = (np.arange(width, dtype=np.float32) / width)[None, :]
@@ -211,7 +222,7 @@ def generate(out: Path, count: int, *, scale: str = "voc", seed: int = 0, compre
         feats.attrs.update(format="dhr-label/feats", version=1)
         for i, image_id in enumerate(ids):
             rng = np.random.default_rng([seed, i])
-            truth, tags, image = scene(rng, spec, colours)
+            truth, tags, image = scene(rng, spec, colours, groups)
             size = truth.shape
             group = cams.create_group(image_id)
             _dataset(group, "cam", cams_for(rng, truth, tags, grid_for(size, stride=spec.stride)), compression)

@@ -30,6 +30,14 @@ from .app import DEFAULT_MASKS_DIR, EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, app,
 _D = DHRParams()  # only to show the defaults in --help; the values come from DHRParams itself
 
 
+class Device(str, enum.Enum):
+    """Where the non-CRF work runs."""
+
+    cpu = "cpu"  # numpy, in the workers, image by image
+    cuda = "cuda"  # torch batches on the GPU while CPU workers run the CRFs
+    auto = "auto"  # cuda when torch sees a GPU, else cpu
+
+
 class Backend(str, enum.Enum):
     """The joblib backend that runs the workers."""
 
@@ -37,8 +45,22 @@ class Backend(str, enum.Enum):
     dask = "dask"  # the workers of a Dask distributed cluster (--scheduler)
 
 
+def resolve_device(device: Device) -> str:
+    """``cpu`` or ``cuda``; ``auto`` is cuda when torch sees a GPU (torch is imported only then)."""
+    if device is Device.cpu:
+        return "cpu"
+    import torch
+
+    available = torch.cuda.is_available()
+    if device is Device.auto:
+        return "cuda" if available else "cpu"
+    if not available:
+        raise DHRLabelError("--device cuda: torch sees no CUDA device (torch.cuda.is_available() is False); use --device auto or cpu")
+    return "cuda"
+
+
 @contextlib.contextmanager
-def engine(backend: Backend, scheduler: str | None, workers: int | None):
+def engine(backend: Backend, scheduler: str | None, workers: int | None, device: str = "cpu"):
     """``(run, n_workers)`` for this run: ``run(job, ids)`` yields every image's result.
 
     A Dask client stays connected for the block; its cluster's threads are the worker count.
@@ -49,6 +71,11 @@ def engine(backend: Backend, scheduler: str | None, workers: int | None):
             yield partial(run_images, workers=n_workers, backend="dask", client=client), n_workers
         return
     n_workers = workers or default_workers()
+    if device == "cuda":
+        from ..runtime.gpu_run import run_images_batched
+
+        yield partial(run_images_batched, workers=n_workers, device="cuda"), n_workers
+        return
     yield partial(run_images, workers=n_workers), n_workers
 
 
@@ -96,6 +123,7 @@ def refine_command(
     base: Annotated[Optional[Path], typer.Option("--base", help="Directory of <id>.png base masks (wins over the file's).", exists=True, file_okay=False)] = None,
     classes: Annotated[Optional[str], typer.Option("--classes", help="Dataset preset (voc, coco, context, context59, ade, stuff, camvid) or a class-list file; checked against the file's classes. Default: the file's.")] = None,
     workers: Annotated[Optional[int], typer.Option("--workers", "-j", min=1, help="Worker processes (default: all cores; a Dask cluster has its own).")] = None,
+    device: Annotated[Device, typer.Option("--device", help="Where the non-CRF work runs: cpu (numpy, in the workers), cuda (torch batches on the GPU while CPU workers run the CRFs; same masks), auto (cuda if torch sees a GPU, else cpu).")] = Device.cpu,
     backend: Annotated[Backend, typer.Option("--backend", help="Worker engine: loky (processes on this machine) or dask (a Dask distributed cluster, with --scheduler).")] = Backend.loky,
     scheduler: Annotated[Optional[str], typer.Option("--scheduler", help="Address of the Dask scheduler for --backend dask, e.g. tcp://10.0.0.5:8786.")] = None,
     ids: Annotated[Optional[Path], typer.Option("--ids", help="Only the ids listed in this file (one a line).", exists=True, dir_okay=False)] = None,
@@ -165,6 +193,9 @@ def refine_command(
             raise fail("--workers applies to --backend loky; a Dask cluster runs as many tasks as its workers have threads", code=2)
     elif scheduler is not None:
         raise fail("--scheduler is the address of a Dask scheduler: it needs --backend dask", code=2)
+    if backend is Backend.dask and device is Device.cuda:
+        raise fail("--device cuda runs its CRF workers on this machine: use it with --backend loky", code=2)
+    the_device = "cpu" if backend is Backend.dask else resolve_device(device)
     combined = feats is not None and cams.resolve() == feats.resolve()
 
     with CamsFile.open(cams, combined=combined) as cams_file:
@@ -186,7 +217,7 @@ def refine_command(
         cams=cams, feats=feats if needs_feats else None, out=out, params=params,
         background=preset.background, palette=preset.palette, images_dir=images, base_dir=base,
     )
-    with output_lock(out, the_shard, token=job.token), engine(backend, scheduler, workers) as (run, n_workers):
+    with output_lock(out, the_shard, token=job.token), engine(backend, scheduler, workers, the_device) as (run, n_workers):
         todo = selected if overwrite else [i for i in selected if not (out / f"{i}.png").exists()]
         skipped = len(selected) - len(todo)
         failures: list[dict] = []
@@ -272,7 +303,7 @@ def refine_command(
                 "images": describe_file(images), "base": describe_file(base), "ids": describe_file(ids),
             },
             "selection": {"limit": limit, "overwrite": overwrite, "workers": n_workers},
-            "engine": {"backend": backend.value, "scheduler": scheduler},
+            "engine": {"device": the_device, "backend": backend.value, "scheduler": scheduler},
             "shard": {"index": the_shard.index, "count": the_shard.count},
             "counts": counts,
             "timing": {"per_step_seconds": {k: round(v, 4) for k, v in step_seconds.items()}},
