@@ -15,9 +15,11 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q -e '.[test]'
 	touch $@
 
+# Full DHR, the base masks (Table 6 row 1) for comparison, then the score of DHR against them.
 example: setup
 	$(VENV)/bin/dhr-label refine --cams $(EX)/cams.h5 --feats $(EX)/feats.h5 --classes camvid --out $(EX)/out/masks
-	$(VENV)/bin/dhr-label score --pred $(EX)/out/masks --gt $(EX)/gt --classes camvid
+	$(VENV)/bin/dhr-label refine --cams $(EX)/cams.h5 --row 1 --out $(EX)/out/base
+	$(VENV)/bin/dhr-label score --pred $(EX)/out/masks --gt $(EX)/gt --compare $(EX)/out/base
 
 test: setup
 	$(PY) -m pytest -q
