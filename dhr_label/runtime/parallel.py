@@ -29,7 +29,7 @@ def default_workers() -> int:
         return max(1, os.cpu_count() or 1)
 
 
-def chunked(items: Sequence[T], *, workers: int, per_worker: int = 16, max_size: int = 256) -> list[list[T]]:
+def chunked(items: Sequence[T], *, workers: int, per_worker: int = 64, max_size: int = 256) -> list[list[T]]:
     """Split ``items`` into about ``per_worker`` chunks per worker, each at most ``max_size``.
 
     Chunks amortise the cost of a task. Many per worker keep the workers evenly loaded to the
