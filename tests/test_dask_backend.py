@@ -30,8 +30,8 @@ def make_inputs():
 
 @pytest.fixture(scope="module")
 def cluster():
-    # Threads in this process: the fastest cluster to start; a scheduler all the same.
-    with distributed.LocalCluster(n_workers=1, threads_per_worker=2, processes=False, dashboard_address=None) as local:
+    # Two worker processes, as on a cluster: the tasks and their results cross a process boundary.
+    with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None) as local:
         yield local
 
 
