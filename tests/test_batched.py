@@ -284,14 +284,32 @@ def test_device_path_reports_a_bad_image_as_the_cpu_path(dataset, tmp_path):
 
 
 def test_closing_early_stops_the_workers(dataset, tmp_path):
-    _, ids, _ = dataset
-    run = run_images_batched(job_for(dataset, tmp_path / "dev", DHRParams()), ids, workers=2, device="cpu", batch_size=2)
-    first = next(run)
-    run.close()
-    assert first.status == "done"
     import multiprocessing
 
-    assert [p for p in multiprocessing.active_children() if p.name.startswith("Process")] == []
+    _, ids, _ = dataset
+    before = set(multiprocessing.active_children())
+    run = run_images_batched(job_for(dataset, tmp_path / "dev", DHRParams()), ids, workers=2, device="cpu", batch_size=2)
+    first = next(run)
+    started = set(multiprocessing.active_children()) - before
+    run.close()
+    assert first.status == "done" and len(started) == 2
+    assert not any(p.is_alive() for p in started)
+
+
+def test_a_dead_worker_stops_the_run_with_an_error(dataset, tmp_path):
+    import multiprocessing
+    import os
+    import signal
+
+    _, ids, _ = dataset
+    before = set(multiprocessing.active_children())
+    run = run_images_batched(job_for(dataset, tmp_path / "dev", DHRParams()), ids, workers=2, device="cpu", batch_size=2)
+    next(run)
+    workers = set(multiprocessing.active_children()) - before
+    os.kill(next(iter(workers)).pid, signal.SIGKILL)  # out of memory, a crash
+    with pytest.raises(RuntimeError, match=r"a CRF worker process died \(exit code -9\)"):
+        list(run)
+    assert not any(p.is_alive() for p in workers)
 
 
 # ----------------------------------------------------------------------------------------------

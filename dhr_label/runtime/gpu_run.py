@@ -426,3 +426,8 @@ def _stop(processes, inboxes, *, wait: bool) -> None:
         if process.is_alive():
             process.terminate()
         process.join(timeout=5.0)
+    for inbox in inboxes:
+        # Messages no worker will read must not hold this process at exit (the queue's
+        # feeder thread would wait for a reader forever).
+        inbox.cancel_join_thread()
+        inbox.close()
