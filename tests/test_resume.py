@@ -16,7 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from dhr_label.runtime.refine_run import MTIME_SLACK, Shard, finished_unreported, output_lock
+from dhr_label.runtime.outdir import MTIME_SLACK, finished_unreported, output_lock
+from dhr_label.runtime.selection import Shard
 from helpers_h5 import cli_command, make_dataset, masks_in, read_json, refine_args, run_refine, temporaries
 
 N = 60  # images: a two-worker run lasts long enough to be interrupted in the middle

@@ -10,7 +10,7 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from dhr_label.cli import app
-from dhr_label.runtime.refine_run import Shard, select_ids
+from dhr_label.runtime.selection import Shard, select_ids
 
 runner = CliRunner()
 # The published CRC-32 check value: crc32(b"123456789") = 0xCBF43926 = 3421780262.

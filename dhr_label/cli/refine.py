@@ -21,10 +21,9 @@ from ..io.manifest import MANIFEST_FORMAT, describe_file, environment, manifest_
 from ..params import CapMode, CRFParams, DHRParams, Marginal, OTParams, Steps
 from ..presets import check_agreement, preset_from_classes, resolve_preset
 from ..runtime.parallel import cluster_threads, dask_client, default_workers
-from ..runtime.refine_run import (
-    DONE, FAILED, ImageResult, InterruptWatch, RefineJob, Shard, finished_unreported, output_lock, prepare_output,
-    run_images, select_ids,
-)
+from ..runtime.outdir import InterruptWatch, finished_unreported, output_lock, prepare_output
+from ..runtime.refine_run import DONE, FAILED, ImageResult, RefineJob, run_images
+from ..runtime.selection import Shard, select_ids
 from .app import DEFAULT_MASKS_DIR, EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, app, err_console, fail, guarded
 
 _D = DHRParams()  # only to show the defaults in --help; the values come from DHRParams itself
