@@ -283,6 +283,41 @@ def test_device_path_reports_a_bad_image_as_the_cpu_path(dataset, tmp_path):
     assert not (tmp_path / "dev" / "no_such_image.png").exists()
 
 
+@pytest.mark.parametrize("stage", ["seed_scores", "rebalance_heat"])
+def test_an_image_the_device_batch_cannot_take_fails_alone(dataset, tmp_path, monkeypatch, stage):
+    _, ids, _ = dataset
+    with CamsFile.open(dataset[0] / "cams.h5") as cams:
+        bad_cam, _ = cams.read_cam(ids[2])
+    original = getattr(batched, stage)
+    marked = {}
+
+    def failing(*args, **kwargs):  # stands for a device error on one image of the batch
+        if stage == "seed_scores" and any(c.shape == bad_cam.shape and np.array_equal(c, bad_cam) for c in args[0]):
+            raise ValueError("device maths failed")
+        if stage == "rebalance_heat" and any(i is marked.get("init") for i in args[0]):
+            raise ValueError("device maths failed")
+        return original(*args, **kwargs)
+
+    if stage == "rebalance_heat":  # the bad image's M_init, as it comes back from its worker
+        from dhr_label.runtime import gpu_run
+
+        drain = gpu_run._drain
+
+        def spy(outbox, flight, load, returned, ready, *, block):
+            drain(outbox, flight, load, returned, ready, block=block)
+            for image_id, init, _ in returned:
+                if image_id == ids[2]:
+                    marked["init"] = init
+
+        monkeypatch.setattr(gpu_run, "_drain", spy)
+    monkeypatch.setattr(batched, stage, failing)
+    results = {r.image_id: r for r in run_images_batched(job_for(dataset, tmp_path / "dev", DHRParams()), ids, workers=2, device="cpu", batch_size=4)}
+    assert results[ids[2]].status == "failed"
+    assert results[ids[2]].reason.startswith("internal error ValueError: device maths failed")
+    assert all(results[i].status == "done" for i in ids if i != ids[2])
+    assert not (tmp_path / "dev" / f"{ids[2]}.png").exists()
+
+
 def test_closing_early_stops_the_workers(dataset, tmp_path):
     import multiprocessing
 

@@ -41,7 +41,7 @@ from ..errors import FileLevelError, InputError
 from ..io.atomic import write_bytes_atomic
 from ..io.contract import CamsFile, FeatsFile, check_id
 from ..io.inputs import load_inputs
-from .refine_run import DONE, FAILED, ImageResult, RefineJob, run_images
+from .refine_run import DONE, FAILED, REOPEN_EVERY, ImageResult, RefineJob, run_images
 
 THREAD_VARS = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
 _POLL = 0.02  # seconds the parent sleeps on the result queue when nothing else is ready
@@ -106,7 +106,7 @@ def _crf_worker(job: RefineJob, inbox, outbox) -> None:
             return
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            reply = _seed(job, held, *message[1:]) if message[0] == "seed" else _heat(job, held, *message[1:])
+            reply = _HANDLERS[message[0]](job, held, *message[1:])
         if caught and reply[0] == "done":
             reply[1].notes.extend(f"{w.category.__name__}: {w.message}" for w in caught)
         outbox.put(reply)
@@ -147,6 +147,15 @@ def _heat(job: RefineJob, held: dict, image_id, heat, classes):
         return ("done", failure(image_id, exc, job, state.start))
 
 
+def _drop(job: RefineJob, held: dict, image_id, result):
+    """The parent could not compute this image's heat maps: release it, report ``result``."""
+    held.pop(image_id, None)
+    return ("done", result)
+
+
+_HANDLERS = {"seed": _seed, "heat": _heat, "drop": _drop}
+
+
 def _written(job, image_id, mask, restored, timings, start) -> ImageResult:
     t0 = time.perf_counter()
     failed = write_mask(job, image_id, mask)
@@ -184,8 +193,13 @@ class Reader:
         combined = job.feats == job.cams
         files: list = []
         try:
-            for image_id in self.ids:
+            for count, image_id in enumerate(self.ids):
                 start = time.perf_counter()
+                if files and count % REOPEN_EVERY == 0:  # bounded HDF5 metadata (refine_run)
+                    for handle in files:
+                        if handle is not None:
+                            handle.close()
+                    files = []
                 try:
                     check_id(image_id, str(job.cams))
                     if not files:
@@ -309,7 +323,7 @@ def run_images_batched(
                     else:
                         good.append((image_id, inputs, seconds))
                 if good:
-                    _stage_one(batched, good, flight, load, inboxes, job, torch_device, steps.rebalance)
+                    _stage_one(batched, good, flight, load, inboxes, job, torch_device, steps.rebalance, ready)
                 busy = busy or bool(items)
             for result in ready:
                 finished += 1
@@ -330,13 +344,25 @@ def run_images_batched(
         torch.set_num_threads(threads)
 
 
-def _stage_one(batched, items, flight, load, inboxes, job, device, rebalance) -> None:
-    """Step 1.1-1.2 of a batch on the device; each image to the least loaded worker."""
+def _stage_one(batched, items, flight, load, inboxes, job, device, rebalance, ready) -> None:
+    """Step 1.1-1.2 of a batch on the device; each image to the least loaded worker.
+
+    A batch that fails (an image the device maths cannot take, the device out of memory) is
+    retried image by image, so only the image at fault fails (into ``ready``).
+    """
     start = time.perf_counter()
     inputs = [inp for _, inp, _ in items]
-    scores, warned = batched.seed_scores(
-        [i.cam for i in inputs], [i.labels for i in inputs], [i.base for i in inputs], job.params, device
-    )
+    try:
+        scores, warned = batched.seed_scores(
+            [i.cam for i in inputs], [i.labels for i in inputs], [i.base for i in inputs], job.params, device
+        )
+    except Exception as exc:  # noqa: BLE001 - one bad image must not stop the run
+        if len(items) == 1:
+            ready.append(failure(items[0][0], exc, job, start))
+            return
+        for item in items:
+            _stage_one(batched, [item], flight, load, inboxes, job, device, rebalance, ready)
+        return
     share = (time.perf_counter() - start) / len(items)
     for (image_id, inp, seconds), score, warning in zip(items, scores, warned):
         worker = int(np.argmin(load))
@@ -354,14 +380,23 @@ def _stage_two(batched, batch, flight, inboxes, job, device) -> None:
     start = time.perf_counter()
     states = [flight[image_id] for image_id, _, _ in batch]
     steps = job.params.steps
-    out = batched.rebalance_heat(
-        [init for _, init, _ in batch],
-        [classes for _, _, classes in batch],
-        [s.uss for s in states] if steps.uss else None,
-        [s.wss for s in states] if steps.wss else None,
-        job.params,
-        device,
-    )
+    try:
+        out = batched.rebalance_heat(
+            [init for _, init, _ in batch],
+            [classes for _, _, classes in batch],
+            [s.uss for s in states] if steps.uss else None,
+            [s.wss for s in states] if steps.wss else None,
+            job.params,
+            device,
+        )
+    except Exception as exc:  # noqa: BLE001 - as in _stage_one: isolate the image at fault
+        if len(batch) == 1:
+            image_id = batch[0][0]
+            inboxes[states[0].worker].put(("drop", image_id, failure(image_id, exc, job, start)))
+            return
+        for item in batch:
+            _stage_two(batched, [item], flight, inboxes, job, device)
+        return
     share = (time.perf_counter() - start) / len(batch)
     for (image_id, _, classes), state, heat, notes in zip(batch, states, out.heat, out.warnings):
         state.timings["heat_maps_ot"] = share

@@ -78,11 +78,22 @@ class ImageResult:
 # In the workers
 # ----------------------------------------------------------------------------------------------
 _OPEN: dict[tuple, tuple[CamsFile, FeatsFile | None]] = {}
+_USES: dict[tuple, int] = {}
+#: Images read through one pair of handles before they are reopened: HDF5 keeps metadata of
+#: every group read for as long as a file is open (~30 KB an image, measured), so a worker's
+#: memory would grow with the dataset; reopening costs about a millisecond.
+REOPEN_EVERY = 256
 
 
 def _files(job: RefineJob) -> tuple[CamsFile, FeatsFile | None]:
-    """The job's files, opened once per process (h5py handles must not cross a fork)."""
+    """The job's files, opened once per process (h5py handles must not cross a fork) and
+    reopened every :data:`REOPEN_EVERY` images."""
     key = (job.cams, job.feats, os.getpid())
+    if key in _OPEN and _USES[key] >= REOPEN_EVERY:
+        for handle in _OPEN.pop(key):
+            if handle is not None:
+                handle.close()
+    _USES[key] = _USES.get(key, 0) % REOPEN_EVERY + 1
     if key not in _OPEN:
         for old in list(_OPEN):
             if old[2] != os.getpid():
