@@ -287,6 +287,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--data", type=Path, action="append", default=[], help="a directory with cams.h5 and feats.h5 (repeatable)")
     parser.add_argument("--images", type=int, default=10, help="images per dataset for the floor comparison")
     parser.add_argument("--parallel", type=int, default=0, help="images for the 1 -> 2 workers run (on the first --data)")
+    parser.add_argument("--repeat", type=int, default=1, help="pairs of 1- and 2-worker runs (a shared machine is noisy)")
     parser.add_argument("--rss", type=Path, nargs="*", default=[], help="directories for the peak-memory runs (-j 2)")
     parser.add_argument("--device-images", type=int, default=0, help="images for --device cpu vs cuda throughput (needs a GPU; first --data)")
     parser.add_argument("--json", type=Path, help="also write every figure to this JSON file")
@@ -314,14 +315,18 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  {'other':10s} {(total - accounted) * 1e3:8.1f} ms  {100 * (total - accounted) / total:5.1f} %")
 
     if args.parallel and args.data:
-        row = parallel_efficiency(args.data[0], args.parallel)
-        report["parallel"] = row
-        print(f"\n== parallel, {row['images']} images of {row['data']}")
-        print(f"1 worker  {row['t1_s']:7.1f} s   2 workers {row['t2_s']:7.1f} s   efficiency {100 * row['efficiency']:.1f} %  (target >= 90 %)")
-        print(
-            f"cores the runs got: {row['cores_1']:.2f} and {row['cores_2']:.2f} (load average before: {row['load_1']:.1f}, {row['load_2']:.1f}); "
-            f"CPU per image {row['cpu_per_image_1']:.2f} s and {row['cpu_per_image_2']:.2f} s"
-        )
+        report["parallel"] = []
+        print(f"\n== parallel, {args.parallel} images of {args.data[0]}, {args.repeat} pair(s) of runs")
+        for _ in range(args.repeat):
+            row = parallel_efficiency(args.data[0], args.parallel)
+            report["parallel"].append(row)
+            print(f"1 worker  {row['t1_s']:7.1f} s   2 workers {row['t2_s']:7.1f} s   efficiency {100 * row['efficiency']:.1f} %  (target >= 90 %)")
+            print(
+                f"  cores the runs got: {row['cores_1']:.2f} and {row['cores_2']:.2f} (load average before: {row['load_1']:.1f}, {row['load_2']:.1f}); "
+                f"CPU per image {row['cpu_per_image_1']:.2f} s and {row['cpu_per_image_2']:.2f} s"
+            )
+        if args.repeat > 1:
+            print(f"median efficiency {100 * float(np.median([r['efficiency'] for r in report['parallel']])):.1f} %")
 
     if args.device_images and args.data:
         row = device_throughput(args.data[0], args.device_images)

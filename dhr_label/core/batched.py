@@ -219,17 +219,18 @@ def seed_scores(
 
 
 def _marginal_tensor(marginals: list[np.ndarray | None], size: int, device) -> torch.Tensor | None:
-    """Class marginals padded to ``[B, size]``; None when every image is uniform."""
+    """Class marginals padded to ``[B, size]``; None when every image is uniform.
+
+    In a mixed batch a uniform image gets equal weights (normalised over its own classes by
+    :func:`sinkhorn`, which also ignores the padded entries).
+    """
     if all(m is None for m in marginals):
         return None
-    out = torch.zeros((len(marginals), size), dtype=torch.float32)
+    out = torch.ones((len(marginals), size), dtype=torch.float32)
     for b, m in enumerate(marginals):
-        if m is None:
-            continue
-        out[b, : len(m)] = torch.as_tensor(m, dtype=torch.float32)
-    uniform = [b for b, m in enumerate(marginals) if m is None]
-    for b in uniform:  # mixed batch: a uniform image gets its own 1/K explicitly
-        out[b] = 1.0  # normalised over its valid classes by sinkhorn
+        if m is not None:
+            out[b] = 0.0
+            out[b, : len(m)] = torch.as_tensor(m, dtype=torch.float32)
     return out.to(device)
 
 
