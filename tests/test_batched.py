@@ -5,8 +5,6 @@ whose images differ in cells, tags and classes (so padding and masks are exercis
 whole ``--device`` orchestration runs with torch on the CPU and its masks are compared pixel by
 pixel with the CPU path's.
 """
-import importlib.util
-import sys
 import warnings
 from pathlib import Path
 
@@ -23,6 +21,7 @@ from dhr_label.params import CapMode, DHRParams, Marginal, OTParams, Steps  # no
 from dhr_label.presets import preset_from_classes  # noqa: E402
 from dhr_label.runtime.gpu_run import run_images_batched  # noqa: E402
 from dhr_label.runtime.refine_run import RefineJob, run_images  # noqa: E402
+from helpers_bench import make_inputs  # noqa: E402
 
 CPU = torch.device("cpu")
 PLAN_ATOL = 1e-7  # plans hold ~1/(N K) ~ 1e-3: float32 rounding of a different summation order
@@ -40,17 +39,6 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
-
-
-def make_inputs():
-    """benchmarks/make_inputs.py, the one generator of synthetic contract files."""
-    if "make_inputs" not in sys.modules:
-        path = Path(__file__).resolve().parents[1] / "benchmarks" / "make_inputs.py"
-        spec = importlib.util.spec_from_file_location("make_inputs", path)
-        module = importlib.util.module_from_spec(spec)
-        sys.modules["make_inputs"] = module  # dataclasses look their module up
-        spec.loader.exec_module(module)
-    return sys.modules["make_inputs"]
 
 
 def padded(arrays):

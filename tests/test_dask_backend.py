@@ -1,8 +1,5 @@
 """``--backend dask --scheduler ADDRESS``: joblib's Dask backend on a cluster the test starts."""
-import importlib.util
 import json
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -11,21 +8,11 @@ from typer.testing import CliRunner
 
 from dhr_label.cli import app
 from dhr_label.runtime.parallel import chunked, cluster_threads, dask_client, map_chunks
+from helpers_bench import make_inputs  # noqa: E402
 
 distributed = pytest.importorskip("distributed")
 runner = CliRunner()
 IMAGES = 6
-
-
-def make_inputs():
-    """benchmarks/make_inputs.py, the one generator of synthetic contract files."""
-    if "make_inputs" not in sys.modules:
-        path = Path(__file__).resolve().parents[1] / "benchmarks" / "make_inputs.py"
-        spec = importlib.util.spec_from_file_location("make_inputs", path)
-        module = importlib.util.module_from_spec(spec)
-        sys.modules["make_inputs"] = module  # dataclasses look their module up
-        spec.loader.exec_module(module)
-    return sys.modules["make_inputs"]
 
 
 @pytest.fixture(scope="module")

@@ -1,8 +1,5 @@
 """``--shard I/N``: a coordination-free partition of the ids, and shards that merge."""
-import importlib.util
 import json
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -11,21 +8,11 @@ from typer.testing import CliRunner
 
 from dhr_label.cli import app
 from dhr_label.runtime.selection import Shard, select_ids
+from helpers_bench import make_inputs  # noqa: E402
 
 runner = CliRunner()
 # The published CRC-32 check value: crc32(b"123456789") = 0xCBF43926 = 3421780262.
 CHECK_ID, CHECK_CRC = "123456789", 3_421_780_262
-
-
-def make_inputs():
-    """benchmarks/make_inputs.py, the one generator of synthetic contract files."""
-    if "make_inputs" not in sys.modules:
-        path = Path(__file__).resolve().parents[1] / "benchmarks" / "make_inputs.py"
-        spec = importlib.util.spec_from_file_location("make_inputs", path)
-        module = importlib.util.module_from_spec(spec)
-        sys.modules["make_inputs"] = module  # dataclasses look their module up
-        spec.loader.exec_module(module)
-    return sys.modules["make_inputs"]
 
 
 @pytest.mark.parametrize("text, expected", [("1/1", Shard(1, 1)), ("3/8", Shard(3, 8)), ("8/8", Shard(8, 8))])
