@@ -20,7 +20,7 @@ from dhr_label.runtime.outdir import MTIME_SLACK, finished_unreported, output_lo
 from dhr_label.runtime.selection import Shard
 from helpers_h5 import cli_command, make_dataset, masks_in, read_json, refine_args, run_refine, temporaries
 
-N = 60  # images: a two-worker run lasts long enough to be interrupted in the middle
+N = 120  # images: a two-worker run lasts long enough to be interrupted in the middle, even on a loaded box
 MANIFEST = "dhr-label-manifest.json"
 WAIT = 60.0  # seconds allowed for a subprocess to reach a state (a loaded CI box is slow)
 
