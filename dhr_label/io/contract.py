@@ -274,9 +274,7 @@ class CamsFile(_ContractFile):
                 raise InputError(image_id, self._source(image_id, name), "required dataset is missing")
         node = group["cam"]
         source = self._source(image_id, "cam")
-        if not isinstance(node, h5py.Dataset) or node.ndim != 3 or min(node.shape) < 1:
-            found = list(node.shape) if isinstance(node, h5py.Dataset) else "a group"
-            raise InputError(image_id, source, f"expected shape [K, h, w] with K, h, w >= 1, found {found}")
+        _check_layout(node, (3,), "[K, h, w] with K, h, w >= 1", image_id, source, non_empty=True)
         if node.dtype.kind not in _FLOAT_KINDS:
             raise InputError(image_id, source, f"expected float16/float32, found {node.dtype}")
         if node.dtype == np.float64 and notes is not None:
@@ -291,9 +289,7 @@ class CamsFile(_ContractFile):
 
     def _labels(self, image_id: str, node, k: int) -> np.ndarray:
         source = self._source(image_id, "labels")
-        if not isinstance(node, h5py.Dataset) or node.ndim != 1:
-            found = list(node.shape) if isinstance(node, h5py.Dataset) else "a group"
-            raise InputError(image_id, source, f"expected shape [K], found {found}")
+        _check_layout(node, (1,), "[K]", image_id, source)
         if node.dtype.kind not in "iu":
             raise InputError(image_id, source, f"expected an integer dtype, found {node.dtype}")
         labels = np.asarray(self._read(image_id, node, "labels"), dtype=np.int64)
@@ -320,9 +316,7 @@ class CamsFile(_ContractFile):
             return None
         node = group["base"]
         source = self._source(image_id, "base")
-        if not isinstance(node, h5py.Dataset) or node.ndim != 2:
-            found = list(node.shape) if isinstance(node, h5py.Dataset) else "a group"
-            raise InputError(image_id, source, f"expected shape [H, W], found {found}")
+        _check_layout(node, (2,), "[H, W]", image_id, source)
         if node.dtype.kind not in "iu":
             raise InputError(image_id, source, f"expected uint8 class ids, found {node.dtype}")
         base = self._read(image_id, node, "base")
@@ -339,9 +333,7 @@ class CamsFile(_ContractFile):
             return None
         node = group["image"]
         source = self._source(image_id, "image")
-        if not isinstance(node, h5py.Dataset) or node.ndim not in (2, 3):
-            found = list(node.shape) if isinstance(node, h5py.Dataset) else "a group"
-            raise InputError(image_id, source, f"expected shape [H, W, 3] (RGB), found {found}")
+        _check_layout(node, (2, 3), "[H, W, 3] (RGB)", image_id, source)
         if node.dtype not in (np.uint8, np.uint16):
             raise InputError(image_id, source, f"expected uint8 (or uint16) values, found {node.dtype}")
         return as_rgb_uint8(self._read(image_id, node, "image"), image_id, source, notes)
@@ -372,6 +364,14 @@ class FeatsFile(_ContractFile):
         if not names:
             raise InputError(image_id, self._source(image_id, "wss"), "expected one or more layers, found an empty group")
         return [(n, self._float_map(image_id, node[n], f"wss/{n}", notes)) for n in names]
+
+
+def _check_layout(node, ndims: tuple[int, ...], expected: str, image_id: str, source: str, *, non_empty: bool = False) -> None:
+    """Raise unless ``node`` is a dataset with one of ``ndims`` dimensions (and no empty axis)."""
+    if isinstance(node, h5py.Dataset) and node.ndim in ndims and not (non_empty and min(node.shape) < 1):
+        return
+    found = list(node.shape) if isinstance(node, h5py.Dataset) else "a group"
+    raise InputError(image_id, source, f"expected shape {expected}, found {found}")
 
 
 def check_label_map(labels: np.ndarray, num_classes: int, ignore_index: int, image_id: str, source: str) -> np.ndarray:
