@@ -18,7 +18,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..params import DHRParams, Marginal
+from ..params import DHRParams, Marginal, OTParams
 from .dhr import class_marginal, correlated_groups
 from .ot import _LOG_DOMAIN_RANGE
 from .ot import f_ot as f_ot_numpy
@@ -58,12 +58,12 @@ def sinkhorn(
     rows: torch.Tensor,
     cols: torch.Tensor,
     *,
-    eps: float = 0.1,
+    eps: float = OTParams.eps,
     col_marginal: torch.Tensor | None = None,
     kl_weight: float | None = None,
-    tol: float = 1e-5,
-    max_iter: int = 1000,
-    check_every: int = 10,
+    tol: float = OTParams.tol,
+    max_iter: int = OTParams.max_iter,
+    check_every: int = OTParams.check_every,
     sync_every: int = 50,
     skip: torch.Tensor | None = None,
 ) -> BatchedSinkhorn:
@@ -122,7 +122,7 @@ def sinkhorn(
     return BatchedSinkhorn(plan, iterations, error, error < tol)
 
 
-def minmax_columns(values: torch.Tensor, rows: torch.Tensor, clip: float = 1e-5) -> torch.Tensor:
+def minmax_columns(values: torch.Tensor, rows: torch.Tensor, clip: float = OTParams.minmax_clip) -> torch.Tensor:
     """Min-max of each column over the valid rows of every image (``[B, N, K]``, zero on padding)."""
     low = torch.where(rows[:, :, None], values, torch.inf).amin(dim=1, keepdim=True)
     high = torch.where(rows[:, :, None], values, -torch.inf).amax(dim=1, keepdim=True)
@@ -130,7 +130,7 @@ def minmax_columns(values: torch.Tensor, rows: torch.Tensor, clip: float = 1e-5)
     return torch.where(rows[:, :, None], out, 0.0)
 
 
-def minmax_rows(maps: torch.Tensor, cells: torch.Tensor, clip: float = 1e-5) -> torch.Tensor:
+def minmax_rows(maps: torch.Tensor, cells: torch.Tensor, clip: float = OTParams.minmax_clip) -> torch.Tensor:
     """Min-max of each class row over the valid cells (``[B, G, N]``, zero on padded cells)."""
     low = torch.where(cells[:, None, :], maps, torch.inf).amin(dim=2, keepdim=True)
     high = torch.where(cells[:, None, :], maps, -torch.inf).amax(dim=2, keepdim=True)

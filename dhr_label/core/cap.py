@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from ..params import OTParams
+
 
 def cell_index(height: int, width: int, grid: tuple[int, int]) -> np.ndarray:
     """Feature cell of every image pixel, H x W int64 in ``[0, h * w)``.
@@ -100,7 +102,7 @@ def cosine_maps(features: np.ndarray, centroids: np.ndarray) -> np.ndarray:
     return (l2_normalise(centroids, 1) @ l2_normalise(features, 0)).astype(np.float32)
 
 
-def minmax_rows(maps: np.ndarray, clip: float = 1e-5) -> np.ndarray:
+def minmax_rows(maps: np.ndarray, clip: float = OTParams.minmax_clip) -> np.ndarray:
     """Min-max normalise each row (class) of a G x N array to [0, 1]; span clipped at ``clip``."""
     low = maps.min(axis=1, keepdims=True)
     span = np.maximum(maps.max(axis=1, keepdims=True) - low, clip)
@@ -108,7 +110,7 @@ def minmax_rows(maps: np.ndarray, clip: float = 1e-5) -> np.ndarray:
 
 
 def heat_maps(
-    features: np.ndarray, weights: np.ndarray, *, clip: float = 1e-5
+    features: np.ndarray, weights: np.ndarray, *, clip: float = OTParams.minmax_clip
 ) -> tuple[np.ndarray, np.ndarray]:
     """CAP centroids and min-max normalised cosine heat maps of one feature map.
 

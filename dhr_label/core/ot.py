@@ -7,6 +7,8 @@ from dataclasses import dataclass
 import numpy as np
 from scipy.special import logsumexp
 
+from ..params import OTParams
+
 # exp(-x) stays a normal float32 for x below ~87; past this the plain kernel is unsafe.
 _LOG_DOMAIN_RANGE = 80.0
 
@@ -29,12 +31,12 @@ class SinkhornResult:
 def sinkhorn(
     scores: np.ndarray,
     *,
-    eps: float = 0.1,
+    eps: float = OTParams.eps,
     col_marginal: np.ndarray | None = None,
     kl_weight: float | None = None,
-    tol: float = 1e-5,
-    max_iter: int = 1000,
-    check_every: int = 10,
+    tol: float = OTParams.tol,
+    max_iter: int = OTParams.max_iter,
+    check_every: int = OTParams.check_every,
 ) -> SinkhornResult:
     """Entropic OT plan for the cost ``1 - scores``.
 
@@ -154,7 +156,7 @@ def _finish(plan, iterations, error, tol, *, log_domain) -> SinkhornResult:
     return SinkhornResult(plan, iterations, error, converged, log_domain)
 
 
-def minmax_columns(values: np.ndarray, clip: float = 1e-5) -> np.ndarray:
+def minmax_columns(values: np.ndarray, clip: float = OTParams.minmax_clip) -> np.ndarray:
     """Min-max normalise each column of an N x K array over its N rows, to [0, 1].
 
     The denominator ``max - min`` is clipped at ``clip`` (the released code's 1e-5), so a
@@ -165,23 +167,18 @@ def minmax_columns(values: np.ndarray, clip: float = 1e-5) -> np.ndarray:
     return ((values - low) / span).astype(np.float32)
 
 
-def f_ot(
-    scores: np.ndarray,
-    *,
-    eps: float = 0.1,
-    col_marginal: np.ndarray | None = None,
-    kl_weight: float | None = None,
-    tol: float = 1e-5,
-    max_iter: int = 1000,
-    check_every: int = 10,
-    minmax_clip: float = 1e-5,
-) -> np.ndarray:
+def f_ot(scores: np.ndarray, *, minmax_clip: float = OTParams.minmax_clip, **options) -> np.ndarray:
     """f_OT(S) of Eq. 2: the converged plan for cost ``1 - S``, min-max normalised per class.
 
     Parameters
     ----------
     scores : ndarray, shape (N, K)
         Cell-to-class scores.
+    minmax_clip : float
+        Denominator clip of the per-class min-max (:func:`minmax_columns`).
+    **options
+        ``eps``, ``col_marginal``, ``kl_weight``, ``tol``, ``max_iter``, ``check_every`` of
+        :func:`sinkhorn`.
 
     Returns
     -------
@@ -193,13 +190,4 @@ def f_ot(
         raise ValueError(f"scores must be N x K, got shape {scores.shape}")
     if scores.shape[1] == 1:
         return np.ones(scores.shape, dtype=np.float32)
-    result = sinkhorn(
-        scores,
-        eps=eps,
-        col_marginal=col_marginal,
-        kl_weight=kl_weight,
-        tol=tol,
-        max_iter=max_iter,
-        check_every=check_every,
-    )
-    return minmax_columns(result.plan, minmax_clip)
+    return minmax_columns(sinkhorn(scores, **options).plan, minmax_clip)
