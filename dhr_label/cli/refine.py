@@ -22,7 +22,7 @@ from ..params import CapMode, CRFParams, DHRParams, Marginal, OTParams, Steps
 from ..presets import check_agreement, preset_from_classes, resolve_preset
 from ..runtime.parallel import cluster_threads, dask_client, default_workers
 from ..runtime.outdir import InterruptWatch, finished_unreported, output_lock, prepare_output
-from ..runtime.refine_run import DONE, FAILED, ImageResult, RefineJob, run_images
+from ..runtime.refine_run import DONE, FAILED, RefineJob, run_images
 from ..runtime.selection import Shard, select_ids
 from .app import DEFAULT_MASKS_DIR, EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, app, err_console, fail, guarded
 
@@ -201,10 +201,10 @@ def refine_command(
         preset = resolve_preset(classes) if classes else preset_from_classes(cams_file.classes, cams_file.background)
         check_agreement(preset, cams_file.classes, cams_file.background, str(cams))
         available = cams_file.ids()
-    feats_ids = None
     if needs_feats:
-        with FeatsFile.open(feats, combined=combined) as feats_file:
-            feats_ids = set(feats_file.ids())
+        # A file-level fault of feats.h5 stops the run here, before any work; an id missing
+        # from it fails that image alone, in its worker, like any other missing dataset.
+        FeatsFile.open(feats, combined=combined).close()
     wanted = read_ids(ids) if ids else None
     selected, unknown = select_ids(available, wanted=wanted, shard=the_shard, limit=limit)
     if unknown:
@@ -220,11 +220,6 @@ def refine_command(
         todo = selected if overwrite else [i for i in selected if not (out / f"{i}.png").exists()]
         skipped = len(selected) - len(todo)
         failures: list[dict] = []
-        early: list = []
-        if feats_ids is not None:
-            absent = [i for i in todo if i not in feats_ids]
-            early = [ImageResult(i, FAILED, f"{feats}: no group /{i} in this file") for i in absent]
-            todo = [i for i in todo if i in feats_ids]
         counts = {"selected": len(selected), "done": 0, "skipped": skipped, "failed": 0}
         notes: dict[str, list[str]] = {}
         step_seconds: dict[str, float] = {}
@@ -255,27 +250,22 @@ def refine_command(
         )
         try:
             with progress, InterruptWatch() as watch:
-                bar = progress.add_task("refine", total=len(todo) + len(early), rate="")
-                for result in early:
-                    record(result)
-                    progress.advance(bar)
-                stop = strict and counts["failed"] > 0
-                if not stop:
-                    results = run(job, todo)
-                    try:
-                        for result in results:
-                            record(result)
-                            elapsed = time.perf_counter() - t0
-                            progress.update(bar, advance=1, rate=f"{(counts['done'] + counts['failed']) / max(elapsed, 1e-9):.2f} img/s")
-                            if watch.requested:  # a Ctrl-C Python swallowed in a callback
-                                raise KeyboardInterrupt
-                            if result.fatal:
-                                fatal = result.reason
-                                break
-                            if strict and result.status == FAILED:
-                                break
-                    finally:
-                        results.close()  # stops the workers before output_lock removes temporaries
+                bar = progress.add_task("refine", total=len(todo), rate="")
+                results = run(job, todo)
+                try:
+                    for result in results:
+                        record(result)
+                        elapsed = time.perf_counter() - t0
+                        progress.update(bar, advance=1, rate=f"{(counts['done'] + counts['failed']) / max(elapsed, 1e-9):.2f} img/s")
+                        if watch.requested:  # a Ctrl-C Python swallowed in a callback
+                            raise KeyboardInterrupt
+                        if result.fatal:
+                            fatal = result.reason
+                            break
+                        if strict and result.status == FAILED:
+                            break
+                finally:
+                    results.close()  # stops the workers before output_lock removes temporaries
         except KeyboardInterrupt:
             interrupted = True
         except Exception as exc:  # noqa: BLE001 - a worker died (out of memory, a crash): report, keep the counts
