@@ -42,7 +42,7 @@ from pathlib import Path  # noqa: E402
 import numpy as np  # noqa: E402
 import pydensecrf.densecrf as dcrf  # noqa: E402
 
-from dhr_label.core import crf as crf_module  # noqa: E402
+from dhr_label.core.crf import pydense as crf_module  # noqa: E402
 from dhr_label.io.contract import CamsFile  # noqa: E402
 from dhr_label.params import DHRParams  # noqa: E402
 from dhr_label.presets import preset_from_classes  # noqa: E402

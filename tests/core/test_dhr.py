@@ -2,9 +2,9 @@
 import numpy as np
 import pytest
 
-from dhr_label.core import crf as crf_module
+from dhr_label.core.crf import pydense as crf_module
 from dhr_label.core import dhr
-from dhr_label.core.crf import ImageCRF
+from dhr_label.core.crf.pydense import ImageCRF
 from dhr_label.core.dhr import (
     class_marginal,
     correlated_groups,

@@ -3,8 +3,8 @@ import numpy as np
 import pydensecrf.densecrf as dcrf
 import pytest
 
-from dhr_label.core import crf as crf_module
-from dhr_label.core.crf import ImageCRF
+from dhr_label.core.crf import pydense as crf_module
+from dhr_label.core.crf.pydense import ImageCRF
 from dhr_label.params import CRFParams
 
 H, W = 5, 7  # non-square, so a swapped width/height cannot pass unnoticed

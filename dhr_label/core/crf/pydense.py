@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 import pydensecrf.densecrf as dcrf
 
-from ..params import CRFParams
+from ...params import CRFParams
 
 
 class ImageCRF:

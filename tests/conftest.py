@@ -1,0 +1,41 @@
+"""Suite-wide options (kornia style): ``--device`` for the torch code, ``--runslow`` for slow tests.
+
+``pytest`` alone runs everything on the CPU, so CI (no GPU) passes; ``pytest --device cuda``
+runs the device-parametrised tests (those taking the ``device`` fixture) on the GPU as well.
+"""
+from __future__ import annotations
+
+import pytest
+
+
+def pytest_addoption(parser):
+    parser.addoption(
+        "--device", action="append", default=None,
+        help="torch device(s) for device-parametrised tests: cpu (default), cuda, cuda:1...; repeat for several",
+    )
+    parser.addoption("--runslow", action="store_true", default=False, help="also run tests marked slow")
+
+
+def pytest_generate_tests(metafunc):
+    if "device" in metafunc.fixturenames:
+        devices = metafunc.config.getoption("--device") or ["cpu"]
+        metafunc.parametrize("device_name", devices, scope="session")
+
+
+@pytest.fixture(scope="session")
+def device(device_name):
+    """The torch device of this parametrisation; a CUDA device that is absent fails loudly."""
+    torch = pytest.importorskip("torch")
+    chosen = torch.device(device_name)
+    if chosen.type == "cuda" and not torch.cuda.is_available():
+        pytest.fail(f"--device {device_name}: torch sees no CUDA device")
+    return chosen
+
+
+def pytest_collection_modifyitems(config, items):
+    if config.getoption("--runslow"):
+        return
+    skip = pytest.mark.skip(reason="slow: run with --runslow")
+    for item in items:
+        if "slow" in item.keywords:
+            item.add_marker(skip)
