@@ -8,11 +8,12 @@ EX := examples/camvid
 setup: $(VENV)/.installed
 
 # torch is pinned to the CPU build (a wheel on local disk here); an unpinned torch pulls CUDA.
-$(VENV)/.installed: pyproject.toml
+# constraints.txt: the versions the suite was last run with (reproducible set-up).
+$(VENV)/.installed: pyproject.toml constraints.txt
 	python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -e '.[test]'
+	$(PY) -m pip install -q -c constraints.txt -e '.[test]'
 	touch $@
 
 # Full DHR, the base masks (Table 6 row 1) for comparison, then the score of DHR against them.

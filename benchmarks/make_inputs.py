@@ -1,4 +1,4 @@
-"""Generate contract-format inputs (FORMATS.md v1) at VOC, COCO and COCO-Stuff scale.
+"""Generate contract-format inputs (docs/format.md v1) at VOC, COCO and COCO-Stuff scale.
 
 Synthetic but structured, so that the CRF and the OT calls do the work they do on real data:
 every image is a scene of class blobs (ellipses with wavy borders, a background where the

@@ -1,9 +1,37 @@
-"""dhr-label: DHR (ECCV 2024) refinement of weakly-supervised pseudo-masks, offline."""
+"""dhr-label: DHR (ECCV 2024) refinement of weakly-supervised pseudo-masks, offline and online.
+
+The command line is ``dhr-label``; in Python:
+
+- :func:`refine` — DHR for one image, numpy arrays in and out;
+- :func:`refine_batch` — DHR for a batch of images as torch tensors on any device (the paper's
+  online use inside a training loop), masks on the device;
+- :func:`dense_crf` — the batched torch DenseCRF alone, a GPU drop-in for the CRF
+  post-processing of IRN / CLIP-ES / ToCo pipelines;
+- :class:`DHRParams` and its parts — every parameter, with the defaults of docs/algorithm.md;
+- :class:`Writer` — write cams.h5 / feats.h5 from your own extractor.
+
+The torch-based entries are imported on first use, so the numpy path never pays for torch.
+"""
 from __future__ import annotations
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
-from .params import CapMode, CRFParams, DHRParams, Marginal, OTParams, Steps  # noqa: E402
+from .core.dhr import refine  # noqa: E402
 from .io.writer import Writer  # noqa: E402
+from .params import CapMode, CRFBackend, CRFParams, DHRParams, Marginal, OTParams, Steps  # noqa: E402
 
-__all__ = ["__version__", "CapMode", "CRFParams", "DHRParams", "Marginal", "OTParams", "Steps", "Writer"]
+_LAZY = {"refine_batch": ("core.batched", "refine_batch"), "dense_crf": ("core.crf.meanfield", "dense_crf"),
+         "BatchCRF": ("core.crf.meanfield", "BatchCRF")}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
+
+        module, attribute = _LAZY[name]
+        return getattr(importlib.import_module(f".{module}", __name__), attribute)
+    raise AttributeError(f"module 'dhr_label' has no attribute {name!r}")
+
+
+__all__ = ["__version__", "BatchCRF", "CapMode", "CRFBackend", "CRFParams", "DHRParams", "Marginal", "OTParams",
+           "Steps", "Writer", "dense_crf", "refine", "refine_batch"]

@@ -1,6 +1,6 @@
 """The one place where DHR's algorithm parameters and their defaults live.
 
-Every number comes from ``ALGORITHM.md`` (the paper, or the released code where the paper is
+Every number comes from ``docs/algorithm.md`` (the paper, or the released code where the paper is
 silent). The CLI fills a :class:`DHRParams`; nothing else keeps its own copy of a default.
 """
 from __future__ import annotations
@@ -15,6 +15,13 @@ class CapMode(str, enum.Enum):
 
     soft = "soft"  # by the fraction of the cell's pixels labelled with the class (ours)
     majority = "majority"  # by a majority vote per cell (the released code)
+
+
+class CRFBackend(str, enum.Enum):
+    """Which implementation computes the DenseCRF (both compute the same model)."""
+
+    pydensecrf = "pydensecrf"  # Krähenbühl's C++ through pydensecrf (CPU)
+    torch = "torch"  # ours: the permutohedral lattice in PyTorch, batched (CPU or GPU)
 
 
 class Marginal(str, enum.Enum):
@@ -42,8 +49,28 @@ class Steps:
 
     @property
     def rebalance(self) -> bool:
-        """Whether Steps 2/3 run (either feature source on)."""
-        return self.uss or self.wss
+        """Whether Steps 2/3 run (either feature source on, after Step 1)."""
+        return self.init and (self.uss or self.wss)
+
+    @property
+    def needs_base(self) -> bool:
+        """Whether every image must have a base mask (row 1 outputs it unchanged)."""
+        return not self.init
+
+    @property
+    def needs_uss(self) -> bool:
+        """Whether the USS features are read (Step 2, rows 5 and 7)."""
+        return self.init and self.uss
+
+    @property
+    def needs_wss(self) -> bool:
+        """Whether the WSS features are read (Step 3, rows 6 and 7)."""
+        return self.init and self.wss
+
+    @property
+    def needs_features(self) -> bool:
+        """Whether a feats file is needed at all."""
+        return self.needs_uss or self.needs_wss
 
     @classmethod
     def row(cls, row: int) -> "Steps":
@@ -75,6 +102,7 @@ class CRFParams:
     bilateral_srgb: float = 3.0
     bilateral_compat: float = 4.0
     unary_clip: float = 1e-5
+    backend: CRFBackend = CRFBackend.pydensecrf  # refine picks the default per device (README)
 
 
 @dataclass(frozen=True)
@@ -90,7 +118,7 @@ class OTParams:
 
 @dataclass(frozen=True)
 class DHRParams:
-    """All parameters of one DHR refinement (ALGORITHM.md)."""
+    """All parameters of one DHR refinement (docs/algorithm.md)."""
 
     ot: OTParams = field(default_factory=OTParams)
     crf: CRFParams = field(default_factory=CRFParams)
@@ -107,6 +135,9 @@ class DHRParams:
     # fraction of its M_init region gets that region back (0 = off, the paper's behaviour).
     guard: float = 0.0
     guard_max_share: float = 1.0  # only classes below this share of M_init's pixels are guarded
+    # Ours: pixels whose final DenseCRF marginal maximum is below this get the ignore label
+    # (255), as WSSS pipelines blank uncertain pixels; 0 = off (every pixel gets a class).
+    ignore_below: float = 0.0
 
     def __post_init__(self) -> None:
         problems = []
@@ -131,6 +162,8 @@ class DHRParams:
             problems.append(f"guard must be in [0, 1], got {self.guard}")
         if not 0.0 < self.guard_max_share <= 1.0:
             problems.append(f"guard max share must be in (0, 1], got {self.guard_max_share}")
+        if not 0.0 <= self.ignore_below <= 1.0:
+            problems.append(f"ignore-below must be in [0, 1], got {self.ignore_below}")
         if self.crf.iterations < 0:
             problems.append(f"CRF iterations must be >= 0, got {self.crf.iterations}")
         if problems:
@@ -151,3 +184,57 @@ class DHRParams:
     def replace(self, **changes) -> "DHRParams":
         """A copy with ``changes`` applied (the dataclass is frozen)."""
         return dataclasses.replace(self, **changes)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "DHRParams":
+        """The inverse of :meth:`to_dict`; keys left out keep their defaults.
+
+        Raises ValueError naming an unknown key or a value out of range, e.g. for a params
+        file written by hand or by another version.
+        """
+        return _build(cls, data, "")
+
+    def differences(self, other: "DHRParams") -> list[str]:
+        """``name: mine -> theirs`` for every field (dotted for nested) where the two differ."""
+        mine, theirs = _flatten(self.to_dict()), _flatten(other.to_dict())
+        return [f"{key}: {mine.get(key)} -> {theirs.get(key)}" for key in sorted(set(mine) | set(theirs))
+                if mine.get(key) != theirs.get(key)]
+
+
+def _flatten(data: dict, prefix: str = "") -> dict:
+    flat = {}
+    for key, value in data.items():
+        if isinstance(value, dict):
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def _build(kind, data, prefix: str):
+    """An instance of the dataclass ``kind`` from plain values (enums by value, nested dicts)."""
+    if not isinstance(data, dict):
+        raise ValueError(f"{prefix.rstrip('.') or 'parameters'}: expected a mapping, found {data!r}")
+    defaults = kind()
+    known = [f.name for f in dataclasses.fields(kind)]
+    unknown = sorted(set(data) - set(known))
+    if unknown:
+        raise ValueError(f"unknown parameter(s) {', '.join(prefix + u for u in unknown)}; known: {', '.join(prefix + k for k in known)}")
+    values = {}
+    for name, value in data.items():
+        default, where = getattr(defaults, name), prefix + name
+        if dataclasses.is_dataclass(default):
+            values[name] = _build(type(default), value, where + ".")
+        elif isinstance(default, enum.Enum):
+            try:
+                values[name] = type(default)(value)
+            except ValueError:
+                choices = ", ".join(m.value for m in type(default))
+                raise ValueError(f"{where}: expected one of {choices}, found {value!r}") from None
+        elif isinstance(default, bool) != isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ValueError(f"{where}: expected {type(default).__name__}, found {value!r}")
+        elif isinstance(default, int) and not isinstance(default, bool) and not float(value).is_integer():
+            raise ValueError(f"{where}: expected an integer, found {value!r}")
+        else:
+            values[name] = type(default)(value)
+    return kind(**values)

@@ -1,4 +1,4 @@
-"""Tiny, valid cams.h5 / feats.h5 pairs (FORMATS.md v1) with a synthetic scene, for tests.
+"""Tiny, valid cams.h5 / feats.h5 pairs (docs/format.md v1) with a synthetic scene, for tests.
 
 Every image is a known scene: the pixels are split into a grid of rectangles, one per class
 (the background first when the dataset has one, then the tags), each painted a flat colour
@@ -290,3 +290,34 @@ def masks_in(out: Path) -> dict[str, bytes]:
 def temporaries(out: Path) -> list[str]:
     """Names of leftover temporaries of atomic writes in ``out``."""
     return sorted(p.name for p in Path(out).iterdir() if p.name.endswith(TMP_SUFFIX)) if Path(out).exists() else []
+
+
+def last_run(out: Path, name: str = "dhr-label-manifest.json") -> dict:
+    """The latest run record of the manifest in ``out``."""
+    return read_json(Path(out) / name)["runs"][-1]
+
+
+def process_children(pid: int) -> list[int]:
+    """The pids of the live child processes of ``pid`` (Linux /proc)."""
+    found = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        found += [int(c) for c in (task / "children").read_text().split()]
+    return found
+
+
+def alive(pid: int) -> bool:
+    """Whether ``pid`` runs (a zombie counts as gone)."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+def pixels_in(out: Path) -> dict[str, bytes]:
+    """``{id: decoded class ids}`` of the masks in ``out``: what a trainer reads, whatever the
+    PNG's metadata (the provenance text differs between runs on different input files)."""
+    from PIL import Image
+
+    return {p.stem: np.asarray(Image.open(p)).tobytes() + repr(Image.open(p).size).encode()
+            for p in sorted(Path(out).glob("*.png")) if not p.name.startswith(".")}

@@ -13,18 +13,10 @@ import sys
 import traceback
 from pathlib import Path
 
-import click
 import typer
 from rich.console import Console
 from rich.markup import escape
-from rich.progress import (
-    BarColumn,
-    MofNCompleteColumn,
-    Progress,
-    TextColumn,
-    TimeElapsedColumn,
-    TimeRemainingColumn,
-)
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from ..errors import DHRLabelError
 
@@ -41,9 +33,10 @@ app = typer.Typer(
     name="dhr-label",
     help="Refine weakly-supervised segmentation pseudo-masks with DHR (ECCV 2024), offline.",
     no_args_is_help=True,
-    add_completion=False,
+    add_completion=True,
     pretty_exceptions_enable=False,
     rich_markup_mode=None,
+    context_settings={"help_option_names": ["-h", "--help"]},
 )
 
 err_console = Console(stderr=True, highlight=False)
@@ -52,14 +45,33 @@ out_console = Console(highlight=False)
 _state = {"debug": False}
 
 
+def _version(value: bool) -> None:
+    if value:
+        from .. import __version__
+
+        print(f"dhr-label {__version__}")
+        raise typer.Exit(EXIT_OK)
+
+
 @app.callback()
 def _root(
     debug: bool = typer.Option(
         False, "--debug", help="Show Python tracebacks for unexpected errors.", envvar="DHR_LABEL_DEBUG"
     ),
+    version: bool = typer.Option(
+        False, "--version", help="Print the version and exit.", callback=_version, is_eager=True
+    ),
 ) -> None:
-    """Refine weakly-supervised segmentation pseudo-masks with DHR (ECCV 2024), offline."""
+    """Refine weakly-supervised segmentation pseudo-masks with DHR (ECCV 2024), offline.
+
+    Formats and algorithm: docs/format.md and docs/algorithm.md of the dhr-label repository.
+    """
     _state["debug"] = debug
+
+
+def usage_error(message: str, option: str | None = None) -> typer.BadParameter:
+    """A usage error (exit 2, Typer's message format) for an invalid option value."""
+    return typer.BadParameter(message, param_hint=option)
 
 
 def fail(message: str, code: int = EXIT_FAILED) -> "typer.Exit":
@@ -76,25 +88,33 @@ def guarded(command):
     else -> one line naming the exception (the traceback with ``--debug``), exit 1.
     """
 
+    name = command.__name__.removesuffix("_command").replace("_", "-")
+
     @functools.wraps(command)
     def wrapper(*args, **kwargs):
+        # With --json, a failure is one JSON document on stdout as well (a pipeline that parses
+        # stdout always gets one), beside the line on stderr.
+        document = (lambda error, **more: print_json({"tool": f"dhr-label {name}", "error": error, **more})) \
+            if kwargs.get("json_out") else (lambda error, **more: None)
         try:
             return command(*args, **kwargs)
-        except (typer.Exit, click.exceptions.ClickException):
-            raise  # usage errors keep Typer's message and exit code 2
+        except (typer.Exit, typer.Abort, typer.TyperException):
+            raise  # usage errors (typer's own exceptions) keep Typer's message and exit code 2
         except DHRLabelError as exc:
             if _state["debug"]:
                 traceback.print_exc(file=sys.stderr)
+            document(str(exc), **getattr(exc, "details", {}))
             raise fail(str(exc)) from None
         except KeyboardInterrupt:
+            document("interrupted")
             err_console.print("interrupted", style="yellow")
             raise typer.Exit(EXIT_INTERRUPTED) from None
         except Exception as exc:  # noqa: BLE001 - last line of defence for the user
             if _state["debug"]:
                 traceback.print_exc(file=sys.stderr)
-            raise fail(
-                f"unexpected {type(exc).__name__}: {exc} (run with --debug for the traceback)"
-            ) from None
+            message = f"unexpected {type(exc).__name__}: {exc} (run with --debug for the traceback)"
+            document(message)
+            raise fail(message) from None
 
     return wrapper
 
@@ -123,7 +143,7 @@ def progress_bar(description: str, total: int | None):
         TextColumn("eta"),
         TimeRemainingColumn(),
     )
-    with Progress(*columns, console=err_console, transient=True) as progress:
+    with Progress(*columns, console=err_console, transient=True, disable=not err_console.is_terminal) as progress:
         yield _Advance(progress, progress.add_task(description, total=total))
 
 

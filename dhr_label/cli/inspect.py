@@ -1,4 +1,4 @@
-"""``dhr-label inspect``: check inputs against FORMATS.md before a long run."""
+"""``dhr-label inspect``: check inputs against docs/format.md before a long run."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -9,9 +9,8 @@ from rich.table import Table
 from rich.text import Text
 
 from ..presets import resolve_preset
-from ..validation.inspect import InspectReport, inspect_inputs
-from .app import EXIT_FAILED, app, err_console, fail, guarded, out_console, percent, print_json
-from .app import progress_bar
+from ..runtime.inspect import InspectReport, inspect_inputs
+from .app import EXIT_FAILED, app, err_console, fail, guarded, out_console, percent, print_json, progress_bar
 
 #: Findings listed one a line on stderr before "... and N more".
 SHOWN_FINDINGS = 200
@@ -23,14 +22,14 @@ DirOption = dict(exists=True, file_okay=False, dir_okay=True, readable=True)
 @app.command()
 @guarded
 def inspect(
-    cams: Annotated[Path, typer.Argument(help="cams.h5 (FORMATS.md).", **FileArg)],
+    cams: Annotated[Path, typer.Argument(help="cams.h5 (the format: docs/format.md of dhr-label).", **FileArg)],
     feats: Annotated[Optional[Path], typer.Argument(help="feats.h5 (may be cams.h5 itself).", **FileArg)] = None,
     images: Annotated[Optional[Path], typer.Option("--images", help="Images <id>.jpg|.jpeg|.png, instead of the image datasets.", **DirOption)] = None,
     base: Annotated[Optional[Path], typer.Option("--base", help="Base masks <id>.png, instead of the base datasets.", **DirOption)] = None,
     classes: Annotated[Optional[str], typer.Option("--classes", help="Dataset preset or class-list file the file's classes must match (default: take the file's).")] = None,
     json_out: Annotated[bool, typer.Option("--json", help="Print exactly one JSON document on stdout instead of tables.")] = False,
 ) -> None:
-    """Validate cams.h5 [feats.h5] against FORMATS.md and summarise them: format and version,
+    """Validate cams.h5 [feats.h5] against docs/format.md and summarise them: format and version,
     classes, every id's datasets, shapes, dtypes, label ranges, NaN/Inf, ids in one file and
     not the other, missing images or base masks. Exit 1 with the list when anything is wrong.
     """
@@ -50,7 +49,7 @@ def inspect(
         images_hit = len({f.image_id for f in errors})
         raise fail(f"{len(errors)} errors concerning {images_hit} ids ({report.images} images in "
                    f"{cams.name})", EXIT_FAILED)
-    err_console.print(f"ok: {report.images} images match FORMATS.md"
+    err_console.print(f"ok: {report.images} images match the format (contract v1)"
                       + (f" ({len(report.warnings)} warnings)" if report.warnings else ""))
 
 

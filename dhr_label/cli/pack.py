@@ -9,14 +9,17 @@ from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 from rich.text import Text
 
 from ..io.ids import read_ids
-from ..io.pack import CAM_STYLES, Sources, pack_images, source_ids
+from ..io.pack import CAM_STYLES
 from ..io.writer import Writer
-from .app import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, app, err_console, fail, guarded
+from ..runtime.pack import Sources, pack_images, source_ids
+from .app import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, app, err_console, fail, guarded, progress_bar
+
+#: Adapted images named one a line before "... and N more".
+SHOWN_NOTES = 5
 
 
 class CamStyleName(str, enum.Enum):
@@ -58,7 +61,7 @@ def pack_command(
     json_out: Annotated[bool, typer.Option("--json", help="Print the run summary as one JSON document on stdout.")] = False,
 ) -> None:
     """Convert IRN / CLIP-ES / PSA CAMs, USS and WSS features, base masks and images into
-    cams.h5 / feats.h5 (FORMATS.md), one image at a time.
+    cams.h5 / feats.h5 (docs/format.md), one image at a time.
 
     An output file that exists is appended to and images already complete in it are skipped,
     so an interrupted run resumes when the same command runs again. A malformed input file is
@@ -71,25 +74,28 @@ def pack_command(
         cams=cams_npy, style=style, maps_entry=cams_array, keys=cams_keys.value if cams_keys else None,
         uss=uss_pt, wss=wss_npy, base=base, images=images,
     )
+    if cams_npy is not None and images is None:
+        err_console.print(
+            "warning: no --images: cams.h5 will hold no images, and refine will need --images DIR (the CRF needs them)",
+            style="yellow", soft_wrap=True, markup=False,
+        )
     todo = read_ids(ids) if ids is not None else source_ids(sources)
     if not todo:
         raise fail("nothing to pack: the --cams-npy / --uss-pt / --wss-npy directories hold no <id> file")
     counts = {"images": len(todo), "packed": 0, "skipped": 0, "failed": 0}
     failures: list[dict] = []
+    notes: dict[str, list[str]] = {}
     interrupted = False
     t0 = time.perf_counter()
     with contextlib.ExitStack() as stack:
         cams_writer, feats_writer = _open_writers(stack, classes, out_cams, out_feats, dtype.value)
-        progress = Progress(
-            TextColumn("pack"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn(),
-            console=err_console, disable=not err_console.is_terminal,
-        )
         try:
-            with progress:
-                bar = progress.add_task("pack", total=len(todo))
+            with progress_bar("pack", len(todo)) as advance:
                 for outcome in pack_images(todo, sources, cams=cams_writer, feats=feats_writer):
                     counts[outcome.status] += 1
-                    progress.advance(bar)
+                    advance()
+                    if outcome.notes:
+                        notes[outcome.image_id] = list(outcome.notes)
                     if outcome.error is not None:
                         error = outcome.error
                         failures.append({"id": error.image_id, "source": error.source, "problem": error.problem})
@@ -100,7 +106,11 @@ def pack_command(
             interrupted = True  # the image being written stays marked incomplete; a rerun redoes it
     seconds = time.perf_counter() - t0
     counts["not_run"] = counts["images"] - counts["packed"] - counts["skipped"] - counts["failed"]
-    _summary(counts, seconds, out_cams, out_feats, failures, interrupted, json_out)
+    for image_id, adapted in list(notes.items())[:SHOWN_NOTES]:
+        err_console.print(f"note: {image_id}: {'; '.join(adapted)}", markup=False, soft_wrap=True)
+    if len(notes) > SHOWN_NOTES:
+        err_console.print(f"note: ... and {len(notes) - SHOWN_NOTES} more images adapted (--json lists them)", markup=False)
+    _summary(counts, seconds, out_cams, out_feats, failures, interrupted, json_out, notes)
     if interrupted:
         raise typer.Exit(EXIT_INTERRUPTED)
     raise typer.Exit(EXIT_FAILED if failures else EXIT_OK)
@@ -142,13 +152,13 @@ def _check_options(cams_npy, style, cams_array, cams_keys, uss_pt, wss_npy, base
         raise fail("; ".join(problems), EXIT_USAGE)
 
 
-def _summary(counts, seconds, out_cams, out_feats, failures, interrupted, json_out) -> None:
+def _summary(counts, seconds, out_cams, out_feats, failures, interrupted, json_out, notes) -> None:
     """The end-of-run summary on stderr, and with ``--json`` one JSON document on stdout."""
     if json_out:
         document = {
             "counts": counts, "seconds": round(seconds, 3), "interrupted": interrupted,
             "out_cams": str(out_cams) if out_cams else None, "out_feats": str(out_feats) if out_feats else None,
-            "failures": failures,
+            "failures": failures, "notes": notes,
         }
         print(json.dumps(document))
     table = Table(title="dhr-label pack" + (" (interrupted)" if interrupted else ""), show_header=False, title_justify="left")

@@ -11,36 +11,17 @@ import typer
 from rich.table import Table
 from rich.text import Text
 
-from ..evaluate import (
-    Matching,
-    ScoreRun,
-    compare_report,
-    first_ids,
-    ground_truth,
-    match,
-    missing_error,
-    score_pairs,
-    score_report,
-    select,
-)
+from ..errors import DHRLabelError
 from ..io.atomic import write_bytes_atomic
 from ..io.ids import read_ids
 from ..io.manifest import MANIFEST_PREFIX, read_manifest
+from ..metrics.report import ScoreRun, compare_report, score_report
 from ..presets import IGNORE_INDEX, Preset, preset_from_classes, resolve_preset
+from ..runtime.outdir import check_writable
 from ..runtime.parallel import default_workers
+from ..runtime.score import Matching, first_ids, ground_truth, match, missing_error, score_pairs, select
 from ..visual import encode_png, render_confusion
-from .app import (
-    DEFAULT_MASKS_DIR,
-    EXIT_FAILED,
-    app,
-    err_console,
-    fail,
-    guarded,
-    out_console,
-    percent,
-    print_json,
-    progress_bar,
-)
+from .app import DEFAULT_MASKS_DIR, app, err_console, guarded, out_console, percent, print_json, progress_bar, usage_error
 
 #: Failures listed one a line before "... and N more".
 SHOWN_FAILURES = 50
@@ -66,7 +47,25 @@ def score(
     accuracies, fwIoU, FP/FN rates and the vanished (image, class) rate, from exact int64
     confusion matrices. A ground truth without prediction is an error unless --allow-missing.
     """
-    preset = resolve_preset(classes) if classes else _recorded_preset(pred)
+    if csv_dir is not None:
+        check_writable(csv_dir, "--csv")  # before the work, not after it
+    recorded = _recorded_preset(pred)
+    if classes:
+        try:
+            preset = resolve_preset(classes)
+        except DHRLabelError as exc:
+            raise usage_error(str(exc), "--classes") from None
+        if recorded is not None and list(recorded.classes) != list(preset.classes):
+            err_console.print(
+                f"warning: --classes {classes} ({preset.num_classes} classes) differs from the classes refine recorded "
+                f"in {pred}'s manifest ({recorded.name}, {recorded.num_classes} classes); scoring with --classes",
+                style="yellow", soft_wrap=True, markup=False,
+            )
+    elif recorded is not None:
+        preset = recorded
+    else:
+        err_console.print(f"note: no --classes and no refine manifest in {pred}: scoring with the voc classes", soft_wrap=True)
+        preset = resolve_preset("voc")
     all_gt = ground_truth(gt)
     chosen = all_gt if ids is None else select(all_gt, read_ids(ids), gt_dir=gt)
     matchings = [match(chosen, d, known=set(all_gt)) for d in [pred] + ([compare] if compare else [])]
@@ -109,8 +108,8 @@ def _notes(matching: Matching) -> None:
         )
 
 
-def _recorded_preset(pred: Path) -> Preset:
-    """The classes refine wrote into ``pred``'s manifest; VOC (said on stderr) without one."""
+def _recorded_preset(pred: Path) -> Preset | None:
+    """The classes refine wrote into ``pred``'s manifest (None without one)."""
     for path in sorted(pred.glob(f"{MANIFEST_PREFIX}*.json")):
         try:
             recorded = read_manifest(path).get("preset") or {}
@@ -119,8 +118,7 @@ def _recorded_preset(pred: Path) -> Preset:
         if recorded.get("classes"):
             background = recorded.get("background")
             return preset_from_classes(recorded["classes"], background, name=recorded.get("name", "manifest"))
-    err_console.print(f"note: no --classes and no refine manifest in {pred}: scoring with the voc classes", soft_wrap=True)
-    return resolve_preset("voc")
+    return None
 
 
 def _run(matching: Matching, preset: Preset, workers: int) -> ScoreRun:
@@ -132,11 +130,12 @@ def _run(matching: Matching, preset: Preset, workers: int) -> ScoreRun:
             err_console.print(f"error: {failure}", style="red", soft_wrap=True, markup=False)
         if len(run.failures) > SHOWN_FAILURES:
             err_console.print(f"... and {len(run.failures) - SHOWN_FAILURES} more", style="red")
-        raise fail(
+        error = DHRLabelError(
             f"{len(run.failures)} of {len(matching.pairs)} images in {matching.pred_dir} could "
-            "not be scored; no score is printed, since one over the rest would mislead",
-            EXIT_FAILED,
+            "not be scored; no score is printed, since one over the rest would mislead"
         )
+        error.details = {"failures": [{"id": f.image_id, "source": f.source, "problem": f.problem} for f in run.failures]}
+        raise error
     return run
 
 

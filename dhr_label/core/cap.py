@@ -4,13 +4,14 @@ from __future__ import annotations
 import numpy as np
 
 from ..params import OTParams
+from .arrays import amax, amin, at_least, is_tensor, sqrt, total, where
 
 
 def cell_index(height: int, width: int, grid: tuple[int, int]) -> np.ndarray:
     """Feature cell of every image pixel, H x W int64 in ``[0, h * w)``.
 
     Cell (i, j) of an h x w map covers rows ``[i*H/h, (i+1)*H/h)`` and columns
-    ``[j*W/w, (j+1)*W/w)`` (ALGORITHM.md, resampling conventions).
+    ``[j*W/w, (j+1)*W/w)`` (docs/algorithm.md, resampling conventions).
     """
     grid_h, grid_w = grid
     rows = (np.arange(height, dtype=np.int64) * grid_h) // height
@@ -65,68 +66,83 @@ def class_cell_fractions(
     return weights
 
 
-def class_centroids(features: np.ndarray, weights: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Weighted mean feature of every class.
+def class_centroids(features, weights):
+    """Weighted mean feature of every class (numpy arrays or torch tensors, batched or not).
 
     Parameters
     ----------
-    features : ndarray, shape (D, N)
-    weights : ndarray, shape (G, N)
+    features : array, shape (..., D, N)
+    weights : array, shape (..., G, N)
 
     Returns
     -------
-    centroids : ndarray, shape (G, D), float32
+    centroids : array, shape (..., G, D)
         Zero for a class with no weight anywhere.
-    present : ndarray, shape (G,), bool
+    present : bool array, shape (..., G)
         Whether the class had any weight.
     """
-    mass = weights.sum(axis=1)
+    mass = total(weights, -1)
     present = mass > 0
-    sums = weights @ features.T
-    centroids = np.where(present[:, None], sums / np.maximum(mass, 1e-12)[:, None], 0.0)
-    return centroids.astype(np.float32), present
+    centroids = where(present, (weights @ features.mT) / at_least(mass, 1e-12), 0.0)
+    return centroids, present[..., 0]
 
 
-def l2_normalise(vectors: np.ndarray, axis: int, eps: float = 1e-8) -> np.ndarray:
+def l2_normalise(vectors, axis: int, eps: float = 1e-8):
     """``vectors`` divided by their L2 norm along ``axis`` (zero vectors stay zero)."""
-    norm = np.sqrt((vectors.astype(np.float32) ** 2).sum(axis=axis, keepdims=True))
-    return vectors / np.maximum(norm, eps)
+    return vectors / at_least(sqrt(total(vectors**2, axis)), eps)
 
 
-def cosine_maps(features: np.ndarray, centroids: np.ndarray) -> np.ndarray:
-    """Cosine similarity of every cell to every centroid, G x N float32.
+def cosine_maps(features, centroids):
+    """Cosine similarity of every cell to every centroid, shape (..., G, N).
 
-    ``features`` is D x N, ``centroids`` G x D. Normalising once and one matrix product is
-    10-100x faster than a broadcast ``cosine_similarity`` (PERFORMANCE-NOTES.md).
+    ``features`` is (..., D, N), ``centroids`` (..., G, D). Normalising once and one matrix
+    product is 10-100x faster than a broadcast ``cosine_similarity`` (docs/algorithm.md,
+    performance).
     """
-    return (l2_normalise(centroids, 1) @ l2_normalise(features, 0)).astype(np.float32)
+    return l2_normalise(centroids, -1) @ l2_normalise(features, -2)
 
 
-def minmax_rows(maps: np.ndarray, clip: float = OTParams.minmax_clip) -> np.ndarray:
-    """Min-max normalise each row (class) of a G x N array to [0, 1]; span clipped at ``clip``."""
-    low = maps.min(axis=1, keepdims=True)
-    span = np.maximum(maps.max(axis=1, keepdims=True) - low, clip)
-    return ((maps - low) / span).astype(np.float32)
+def minmax(values, axis: int, clip: float = OTParams.minmax_clip, *, valid=None):
+    """Min-max normalise ``values`` along ``axis`` to [0, 1]; the span is clipped at ``clip``.
+
+    The denominator ``max - min`` is clipped (the released code's 1e-5), so a nearly constant
+    row maps to nearly 0 rather than being blown up. ``valid`` (broadcastable bool): entries
+    that count — padding of a batch never reaches a minimum or a maximum and comes out 0.
+    numpy results are float32 (the core's dtype); tensors keep their dtype.
+    """
+    if valid is None:
+        low, high = amin(values, axis), amax(values, axis)
+    else:
+        low = amin(where(valid, values, float("inf")), axis)
+        high = amax(where(valid, values, float("-inf")), axis)
+    out = (values - low) / at_least(high - low, clip)
+    if valid is not None:
+        out = where(valid, out, 0.0)
+    return out if is_tensor(out) else out.astype(np.float32)
 
 
-def heat_maps(
-    features: np.ndarray, weights: np.ndarray, *, clip: float = OTParams.minmax_clip
-) -> tuple[np.ndarray, np.ndarray]:
-    """CAP centroids and min-max normalised cosine heat maps of one feature map.
+def minmax_rows(maps, clip: float = OTParams.minmax_clip):
+    """Min-max normalise each row (class) of a G x N array over its cells."""
+    return minmax(maps, -1, clip)
+
+
+def heat_maps(features, weights, *, clip: float = OTParams.minmax_clip, cells=None):
+    """CAP centroids and min-max normalised cosine heat maps of one feature map (or a batch).
 
     Parameters
     ----------
-    features : ndarray, shape (D, N)
-    weights : ndarray, shape (G, N)
+    features : array, shape (..., D, N)
+    weights : array, shape (..., G, N)
         From :func:`class_cell_fractions` on the same grid.
+    cells : bool array, shape (..., 1, N), optional
+        The valid cells of each image of a padded batch.
 
     Returns
     -------
-    maps : ndarray, shape (G, N), float32 in [0, 1]
+    maps : array, shape (..., G, N), in [0, 1]
         Zero for a class without any weight (no centroid).
-    centroids : ndarray, shape (G, D)
+    centroids : array, shape (..., G, D)
     """
     centroids, present = class_centroids(features, weights)
-    maps = minmax_rows(cosine_maps(features, centroids), clip)
-    maps[~present] = 0.0
-    return maps, centroids
+    maps = minmax(cosine_maps(features, centroids), -1, clip, valid=cells)
+    return where(present[..., None], maps, 0.0), centroids

@@ -8,6 +8,7 @@ import numpy as np
 from scipy.special import logsumexp
 
 from ..params import OTParams
+from .cap import minmax
 
 # exp(-x) stays a normal float32 for x below ~87; past this the plain kernel is unsafe.
 _LOG_DOMAIN_RANGE = 80.0
@@ -156,29 +157,24 @@ def _finish(plan, iterations, error, tol, *, log_domain) -> SinkhornResult:
     return SinkhornResult(plan, iterations, error, converged, log_domain)
 
 
-def minmax_columns(values: np.ndarray, clip: float = OTParams.minmax_clip) -> np.ndarray:
-    """Min-max normalise each column of an N x K array over its N rows, to [0, 1].
-
-    The denominator ``max - min`` is clipped at ``clip`` (the released code's 1e-5), so a
-    nearly constant column maps to nearly 0 rather than being blown up.
-    """
-    low = values.min(axis=0, keepdims=True)
-    span = np.maximum(values.max(axis=0, keepdims=True) - low, clip)
-    return ((values - low) / span).astype(np.float32)
-
-
-def f_ot(scores: np.ndarray, *, minmax_clip: float = OTParams.minmax_clip, **options) -> np.ndarray:
+def f_ot(
+    scores: np.ndarray,
+    params: OTParams = OTParams(),
+    *,
+    col_marginal: np.ndarray | None = None,
+    kl_weight: float | None = None,
+) -> np.ndarray:
     """f_OT(S) of Eq. 2: the converged plan for cost ``1 - S``, min-max normalised per class.
 
     Parameters
     ----------
     scores : ndarray, shape (N, K)
         Cell-to-class scores.
-    minmax_clip : float
-        Denominator clip of the per-class min-max (:func:`minmax_columns`).
-    **options
-        ``eps``, ``col_marginal``, ``kl_weight``, ``tol``, ``max_iter``, ``check_every`` of
-        :func:`sinkhorn`.
+    params : OTParams
+        ``eps``, ``tol``, ``max_iter``, ``check_every`` of :func:`sinkhorn`, and the
+        denominator clip of the per-class min-max.
+    col_marginal, kl_weight
+        The class marginal and its KL relaxation, as :func:`sinkhorn`.
 
     Returns
     -------
@@ -190,4 +186,8 @@ def f_ot(scores: np.ndarray, *, minmax_clip: float = OTParams.minmax_clip, **opt
         raise ValueError(f"scores must be N x K, got shape {scores.shape}")
     if scores.shape[1] == 1:
         return np.ones(scores.shape, dtype=np.float32)
-    return minmax_columns(sinkhorn(scores, **options).plan, minmax_clip)
+    plan = sinkhorn(
+        scores, eps=params.eps, col_marginal=col_marginal, kl_weight=kl_weight,
+        tol=params.tol, max_iter=params.max_iter, check_every=params.check_every,
+    ).plan
+    return minmax(plan, 0, params.minmax_clip)

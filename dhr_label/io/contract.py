@@ -1,4 +1,4 @@
-"""Reading the HDF5 contract of FORMATS.md (v1): cams.h5 and feats.h5.
+"""Reading the HDF5 contract of docs/format.md (v1): cams.h5 and feats.h5.
 
 Files are opened read-only and per process (h5py handles must not cross a fork). Nothing is
 read until asked for, so listing the ids of a 100,000-image file costs only the group names.
@@ -139,7 +139,7 @@ class _ContractFile:
         """Open ``path`` read-only, checking its ``format`` and ``version`` attributes.
 
         ``combined``: the file is also used as the other side of the contract (cams and
-        feats in one file, FORMATS.md), so either ``format`` value is accepted.
+        feats in one file, docs/format.md), so either ``format`` value is accepted.
         """
         formats = (cls.expected_format,) + ((FORMAT_CAMS, FORMAT_FEATS) if combined else ())
         return cls(path, _open(path, formats, cls.what))

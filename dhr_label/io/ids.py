@@ -1,4 +1,4 @@
-"""Image ids (FORMATS.md, "Image ids"): the file stem used for groups, images and masks."""
+"""Image ids (docs/format.md, "Image ids"): the file stem used for groups, images and masks."""
 from __future__ import annotations
 
 import os
@@ -13,7 +13,7 @@ IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
 
 
 def is_valid_id(image_id: str) -> bool:
-    """Whether ``image_id`` uses only the characters FORMATS.md allows."""
+    """Whether ``image_id`` uses only the characters docs/format.md allows."""
     return ID_PATTERN.fullmatch(image_id) is not None
 
 
@@ -23,7 +23,7 @@ def read_ids(path: Path) -> list[str]:
     Raises
     ------
     FileLevelError
-        When the file cannot be read, an id has characters FORMATS.md does not allow, an id is
+        When the file cannot be read, an id has characters docs/format.md does not allow, an id is
         repeated, or there is none.
     """
     try:

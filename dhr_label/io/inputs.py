@@ -8,7 +8,6 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from ..errors import InputError
-from ..params import Steps
 from .contract import CamsFile, FeatsFile, as_rgb_uint8, check_label_map
 from .masks import read_mask
 
@@ -84,13 +83,17 @@ def load_inputs(
     cams: CamsFile,
     feats: FeatsFile | None,
     *,
-    steps: Steps,
+    uss: bool = False,
+    wss: bool = False,
+    base_required: bool = False,
     images_dir: Path | None = None,
     base_dir: Path | None = None,
 ) -> ImageInputs:
-    """Gather and validate one image's inputs for the steps that will run.
+    """Gather and validate one image's inputs: the CAMs, tags, image and base mask, and the
+    USS (``uss``) and WSS (``wss``) features when asked for.
 
-    A directory given on the command line wins over the dataset in the file (FORMATS.md).
+    A directory given on the command line wins over the dataset in the file (docs/format.md).
+    ``base_required``: an image without a base mask is an error (Table 6 row 1 outputs it).
 
     Raises
     ------
@@ -101,62 +104,67 @@ def load_inputs(
     cam, labels = cams.read_cam(image_id, notes)
     silent = labels[cam.reshape(len(labels), -1).max(axis=1) <= 0]
     if len(silent):
-        notes.append(
-            f"cam: tag(s) {silent.tolist()} never positive: no seed for them"
-        )
-
-    if images_dir is not None:
-        path = find_image(Path(images_dir), image_id)
-        if path is None:
-            raise InputError(image_id, str(images_dir), f"no image {image_id}.jpg|.jpeg|.png in this directory")
-        image = load_image_file(path, image_id, notes)
-    else:
-        image = cams.read_image(image_id, notes)
-        if image is None:
-            raise InputError(
-                image_id, f"{cams.path}:/{image_id}/image", "no image in the file and no --images directory given"
-            )
+        notes.append(f"cam: tag(s) {silent.tolist()} never positive: no seed for them")
+    image, image_source = _image(image_id, cams, images_dir, notes)
+    base, base_source = _base(image_id, cams, base_dir)
     size = image.shape[:2]
-
-    base = None
-    base_source = ""
-    if base_dir is not None:
-        path = Path(base_dir) / f"{image_id}.png"
-        base_source = str(path)
-        if not path.is_file():
-            raise InputError(image_id, str(base_dir), f"no base mask {image_id}.png in this directory")
-        try:
-            raw = read_mask(path)
-        except (OSError, ValueError) as exc:
-            raise InputError(image_id, base_source, f"cannot read the base mask: {exc}") from None
-        base = check_label_map(raw, cams.num_classes, cams.ignore_index, image_id, base_source)
-    elif steps.init or not steps.rebalance:
-        base = cams.read_base(image_id)
-        base_source = f"{cams.path}:/{image_id}/base"
     if base is not None and base.shape != size:
+        if images_dir is not None and base_dir is None:
+            # The image is the user's override; the base mask is the file's own: blame the image.
+            raise InputError(
+                image_id, image_source, f"expected the size of the base mask {base_source}, "
+                f"{base.shape[0]} x {base.shape[1]} (H x W), found {size[0]} x {size[1]}",
+            )
         raise InputError(
-            image_id, base_source, f"expected a {size[0]} x {size[1]} mask (the image's size), found {base.shape[0]} x {base.shape[1]}"
+            image_id, base_source, f"expected a {size[0]} x {size[1]} mask (the image's size, {image_source}), "
+            f"found {base.shape[0]} x {base.shape[1]}",
         )
     if base is not None and cams.ignore_index != 255:
         base = np.where(base == cams.ignore_index, 255, base).astype(np.uint8)
     if base is None:
-        if not steps.init:
+        if base_required:
             raise InputError(image_id, base_source or str(cams.path), "ablation row 1 outputs the base mask, and none was found")
         notes.append("no base mask: seed only (M_init = M_seed)")
-
     check_grid(image_id, f"{cams.path}:/{image_id}/cam", cam.shape[1:], size)
 
-    uss = wss = None
-    if steps.init and steps.rebalance:
-        if feats is None:
-            raise InputError(image_id, "--feats", "Steps 2/3 need a feats file")
-        if steps.uss:
-            uss = feats.read_uss(image_id, notes)
-            check_grid(image_id, f"{feats.path}:/{image_id}/uss", uss.shape[1:], size)
-        if steps.wss:
-            layers = feats.read_wss(image_id, notes)
-            for name, layer in layers:
-                where = "wss" if name == "wss" else f"wss/{name}"
-                check_grid(image_id, f"{feats.path}:/{image_id}/{where}", layer.shape[1:], size)
-            wss = [layer for _, layer in layers]
-    return ImageInputs(image_id, cam, labels, image, base, uss, wss, notes)
+    uss_map = wss_maps = None
+    if (uss or wss) and feats is None:
+        raise InputError(image_id, "--feats", "Steps 2/3 need a feats file")
+    if uss:
+        uss_map = feats.read_uss(image_id, notes)
+        check_grid(image_id, f"{feats.path}:/{image_id}/uss", uss_map.shape[1:], size)
+    if wss:
+        layers = feats.read_wss(image_id, notes)
+        for name, layer in layers:
+            where = "wss" if name == "wss" else f"wss/{name}"
+            check_grid(image_id, f"{feats.path}:/{image_id}/{where}", layer.shape[1:], size)
+        wss_maps = [layer for _, layer in layers]
+    return ImageInputs(image_id, cam, labels, image, base, uss_map, wss_maps, notes)
+
+
+def _image(image_id: str, cams: CamsFile, images_dir: Path | None, notes: list[str]) -> tuple[np.ndarray, str]:
+    """The image and where it came from: ``--images`` when given, else the file's dataset."""
+    if images_dir is not None:
+        path = find_image(Path(images_dir), image_id)
+        if path is None:
+            raise InputError(image_id, str(images_dir), f"no image {image_id}.jpg|.jpeg|.png in this directory")
+        return load_image_file(path, image_id, notes), str(path)
+    source = f"{cams.path}:/{image_id}/image"
+    image = cams.read_image(image_id, notes)
+    if image is None:
+        raise InputError(image_id, source, "no image in the file and no --images directory given")
+    return image, source
+
+
+def _base(image_id: str, cams: CamsFile, base_dir: Path | None) -> tuple[np.ndarray | None, str]:
+    """The base mask and where it came from: ``--base`` when given, else the file's dataset."""
+    if base_dir is None:
+        return cams.read_base(image_id), f"{cams.path}:/{image_id}/base"
+    path = Path(base_dir) / f"{image_id}.png"
+    if not path.is_file():
+        raise InputError(image_id, str(base_dir), f"no base mask {image_id}.png in this directory")
+    try:
+        raw = read_mask(path)
+    except (OSError, ValueError) as exc:
+        raise InputError(image_id, str(path), f"cannot read the base mask: {exc}") from None
+    return check_label_map(raw, cams.num_classes, cams.ignore_index, image_id, str(path)), str(path)

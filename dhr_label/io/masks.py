@@ -2,31 +2,68 @@
 from __future__ import annotations
 
 import io
+import struct
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
+from PIL import Image, PngImagePlugin
 
 from .atomic import write_bytes_atomic
 
+#: The PNG text key under which a mask records the fingerprint of the settings that made it.
+PROVENANCE_KEY = "dhr-label"
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
-def encode_mask(mask: np.ndarray, palette) -> bytes:
+
+def encode_mask(mask: np.ndarray, palette, *, provenance: str | None = None) -> bytes:
     """PNG bytes of ``mask`` (H x W uint8 class ids) as a palette image.
 
-    The encoding is deterministic: the same mask and palette give the same bytes.
+    ``provenance`` is stored as a text chunk (readers of the mask ignore it). The encoding is
+    deterministic: the same mask, palette and provenance give the same bytes.
     """
     if mask.ndim != 2 or mask.dtype != np.uint8:
         raise ValueError(f"mask must be a 2-D uint8 array, got {mask.dtype} of shape {mask.shape}")
     image = Image.fromarray(np.ascontiguousarray(mask), mode="P")
     image.putpalette(list(palette))
+    info = None
+    if provenance is not None:
+        info = PngImagePlugin.PngInfo()
+        info.add_text(PROVENANCE_KEY, provenance)
     buffer = io.BytesIO()
-    image.save(buffer, format="PNG", optimize=False, compress_level=6)
+    image.save(buffer, format="PNG", optimize=False, compress_level=6, pnginfo=info)
     return buffer.getvalue()
 
 
-def write_mask(path: Path, mask: np.ndarray, palette) -> None:
+def write_mask(path: Path, mask: np.ndarray, palette, *, provenance: str | None = None) -> None:
     """Write ``mask`` to ``path`` atomically as a palette PNG."""
-    write_bytes_atomic(Path(path), encode_mask(mask, palette))
+    write_bytes_atomic(Path(path), encode_mask(mask, palette, provenance=provenance))
+
+
+def read_provenance(path: Path) -> str | None:
+    """The fingerprint a dhr-label mask records (None for any other PNG, or an unreadable one).
+
+    Reads only the chunks before the image data (a few KB), ~10x faster than opening the
+    image: a resumed run checks every existing mask.
+    """
+    try:
+        with open(path, "rb") as handle:
+            if handle.read(8) != _PNG_SIGNATURE:
+                return None
+            while True:
+                header = handle.read(8)
+                if len(header) < 8:
+                    return None
+                length, kind = struct.unpack(">I4s", header)
+                if kind in (b"IDAT", b"IEND"):
+                    return None
+                data = handle.read(length)
+                handle.seek(4, io.SEEK_CUR)  # the CRC
+                if kind == b"tEXt":
+                    key, _, value = data.partition(b"\0")
+                    if key == PROVENANCE_KEY.encode():
+                        return value.decode("latin-1")
+    except OSError:
+        return None
 
 
 def read_mask(path: Path) -> np.ndarray:

@@ -5,13 +5,7 @@ functions turn a matrix into scores (:func:`class_scores`, :func:`summary_scores
 minor-class view (:func:`vanished_classes`).
 """
 from .confusion import confusion_matrix
-from .scores import (
-    ClassScores,
-    class_scores,
-    image_miou,
-    summary_scores,
-    vanished_classes,
-)
+from .scores import ClassScores, class_scores, image_miou, summary_scores, vanished_classes
 
 __all__ = [
     "ClassScores",

@@ -1,9 +1,10 @@
-"""The output directory of a run: created and checked, locked per shard, cleaned of the
-temporaries of killed runs, and read back for what a stopped run finished."""
+"""The output directory of a run: created and checked, locked, cleaned of the temporaries of
+killed runs, and read back for what a stopped run finished."""
 from __future__ import annotations
 
 import contextlib
 import fcntl
+import json
 import os
 import platform
 import sys
@@ -13,11 +14,11 @@ from ..errors import FileLevelError
 from ..io.atomic import remove_stale_temporaries
 from .selection import Shard
 
-#: Held shared by every run writing into an output directory, exclusively by the one run
-#: that removes temporaries: a run never deletes a temporary another run is still writing.
-WRITERS_LOCK = ".dhr-label-writers.lock"
-#: Seconds of tolerance on modification times (FAT stores them to 2 s).
-MTIME_SLACK = 2.0
+#: Held only while a run joins or leaves the directory (milliseconds): joining is one decision.
+GATE = ".dhr-label.gate"
+#: Held shared by every run writing into the directory; its content names the group of runs
+#: allowed to share it (the shards of one split, with one fingerprint) and their holders.
+DIRECTORY_LOCK = ".dhr-label.lock"
 
 
 def prepare_output(out: Path) -> None:
@@ -34,6 +35,18 @@ def prepare_output(out: Path) -> None:
         raise FileLevelError(f"the output path {out} exists and is not a directory")
     if not os.access(out, os.W_OK | os.X_OK):
         raise FileLevelError(f"the output directory {out} is not writable")
+
+
+def check_writable(directory: Path, option: str) -> None:
+    """Fail now, before any work, when ``directory`` (an output option) cannot be written."""
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise FileLevelError(f"{option} {directory}: cannot create this directory: {exc.strerror or exc}") from None
+    if not directory.is_dir():
+        raise FileLevelError(f"{option} {directory}: exists and is not a directory")
+    if not os.access(directory, os.W_OK | os.X_OK):
+        raise FileLevelError(f"{option} {directory}: this directory is not writable")
 
 
 def _open_lock(path: Path):
@@ -54,62 +67,96 @@ def _flock(handle, operation: int, path: Path) -> bool:
     return True
 
 
-def _clean_if_alone(out: Path, writers, path: Path) -> int:
-    """Remove every temporary in ``out`` if no other run holds the writers' lock."""
-    if not _flock(writers, fcntl.LOCK_EX | fcntl.LOCK_NB, path):
-        return 0
+def _read(handle) -> dict:
+    handle.seek(0)
     try:
-        return remove_stale_temporaries(out)
-    finally:
-        fcntl.flock(writers, fcntl.LOCK_UN)
+        content = json.loads(handle.read() or "{}")
+    except ValueError:
+        return {}
+    return content if isinstance(content, dict) else {}
+
+
+def _write(handle, content: dict) -> None:
+    handle.seek(0)
+    handle.truncate()
+    handle.write(json.dumps(content))
+    handle.flush()
+
+
+def _alive(holder: dict) -> bool:
+    """Whether a holder recorded in the lock is still running (unknown on another host: yes)."""
+    if holder.get("host") != platform.node():
+        return True
+    try:
+        os.kill(int(holder.get("pid", -1)), 0)
+    except (OSError, ValueError):
+        return False
+    return True
+
+
+def _holders(content: dict) -> str:
+    listed = [h for h in content.get("holders", []) if _alive(h)]
+    return "; ".join(f"pid {h.get('pid')} on {h.get('host')}: {h.get('run')}" for h in listed) or "unknown"
 
 
 @contextlib.contextmanager
-def output_lock(out: Path, shard: Shard = Shard(), *, token: str | None = None):
-    """Hold ``out`` for one run (per shard); refuse a second run of the same shard.
+def output_lock(out: Path, *, group: str, shard: Shard = Shard(), token: str | None = None, run: str = "a dhr-label run"):
+    """Hold ``out`` for one run; refuse any concurrent run that is not of the same ``group``.
 
-    Two locks, both released by the kernel when the process dies (SIGKILL included):
-
-    - ``.dhr-label[.shard-I-of-N].lock``, exclusive: a second run of the same shard is
-      refused with the pid and host of the first;
-    - :data:`WRITERS_LOCK`, shared by every run writing into ``out`` (shards of one job on a
-      cluster share the directory). Temporaries left by killed runs are removed only by a run
-      that can take it exclusively, i.e. when no other run is writing.
-
-    On exit the temporaries named with ``token`` (this run's, e.g. of workers stopped by
-    Ctrl-C) are removed; the caller must have stopped its workers first.
+    ``group`` names the runs allowed to share the directory at once: the shards of one
+    ``--shard */N`` split with the same fingerprint (e.g. ``"<fingerprint id>/N"``). Every
+    other concurrent run is refused with the pid, host and ``run`` description of the holders,
+    and so is a second run of the same shard. The locks are ``flock`` locks, released by the
+    kernel when a process dies (SIGKILL included); temporaries left by killed runs are removed
+    by the first run to enter an idle directory. On exit this run's own temporaries (named
+    with ``token``) are removed: the caller must have stopped its workers first.
     """
-    path = out / f".dhr-label{shard.tag}.lock"
-    handle = _open_lock(path)
+    gate_path, dir_path = out / GATE, out / DIRECTORY_LOCK
+    shard_path = out / f".dhr-label{shard.tag or '.run'}.lock"
+    gate, directory, mine = _open_lock(gate_path), _open_lock(dir_path), _open_lock(shard_path)
+    me = {"pid": os.getpid(), "host": platform.node(), "run": run, "shard": f"{shard.index}/{shard.count}"}
     try:
-        if not _flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB, path):
-            handle.seek(0)
-            holder = handle.read().strip() or "unknown"
-            raise FileLevelError(
-                f"another dhr-label run (pid {holder}) is writing to {out}"
-                + (f" (shard {shard.index}/{shard.count})" if shard.count > 1 else "")
-                + f"; wait for it to finish or use another --out (lock file {path})"
-            )
-        handle.seek(0)
-        handle.truncate()
-        handle.write(f"{os.getpid()} on {platform.node() or 'this host'}")
-        handle.flush()
-        writers_path = out / WRITERS_LOCK
-        writers = _open_lock(writers_path)
+        with _gate(gate, gate_path):
+            if not _flock(mine, fcntl.LOCK_EX | fcntl.LOCK_NB, shard_path):
+                raise FileLevelError(
+                    f"another dhr-label run ({_holders(_read(directory))}) is writing shard {shard.index}/{shard.count} "
+                    f"of {out}; wait for it to finish or use another --out"
+                )
+            if _flock(directory, fcntl.LOCK_EX | fcntl.LOCK_NB, dir_path):  # no other run here
+                remove_stale_temporaries(out)
+                _write(directory, {"group": group, "holders": [me]})
+                _flock(directory, fcntl.LOCK_SH, dir_path)  # shards of the group may join now
+            else:
+                content = _read(directory)
+                if content.get("group") != group:
+                    raise FileLevelError(
+                        f"another dhr-label run ({_holders(content)}) is writing to {out}; only the shards of one "
+                        f"--shard split with the same settings may share a directory: wait for it, or use another --out"
+                    )
+                _flock(directory, fcntl.LOCK_SH, dir_path)
+                content["holders"] = [h for h in content.get("holders", []) if _alive(h)] + [me]
+                _write(directory, content)
         try:
-            _clean_if_alone(out, writers, writers_path)
-            _flock(writers, fcntl.LOCK_SH, writers_path)
-            try:
-                yield
-            finally:
-                if token:
-                    remove_stale_temporaries(out, tag=token)
-                fcntl.flock(writers, fcntl.LOCK_UN)
-                _clean_if_alone(out, writers, writers_path)
+            yield
         finally:
-            writers.close()
+            if token:
+                remove_stale_temporaries(out, tag=token)
+            with _gate(gate, gate_path):
+                content = _read(directory)
+                content["holders"] = [h for h in content.get("holders", []) if h.get("pid") != me["pid"] or h.get("host") != me["host"]]
+                _write(directory, content)
     finally:
-        handle.close()
+        for handle in (mine, directory, gate):
+            handle.close()  # releases its locks
+
+
+@contextlib.contextmanager
+def _gate(handle, path: Path):
+    _flock(handle, fcntl.LOCK_EX, path)
+    try:
+        yield
+    finally:
+        fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 class InterruptWatch:
@@ -123,12 +170,12 @@ class InterruptWatch:
     """
 
     def __init__(self):
-        self.requested = False
+        self.requested: KeyboardInterrupt | None = None
         self._previous = None
 
     def _hook(self, unraisable) -> None:
         if issubclass(unraisable.exc_type, KeyboardInterrupt):
-            self.requested = True
+            self.requested = unraisable.exc_value or KeyboardInterrupt()
         else:
             self._previous(unraisable)
 
@@ -140,19 +187,24 @@ class InterruptWatch:
         sys.unraisablehook = self._previous
 
 
-def finished_unreported(out: Path, ids: list[str], *, since: float | None = None) -> list[str]:
-    """The ``ids`` whose mask exists in ``out``: after a run stopped early, the images its
-    workers wrote without reporting back (masks are atomic, so existing means complete).
-
-    ``since`` (a ``time.time()``): count only masks written from then on, for ``--overwrite``
-    runs, where the previous run's mask of an image not yet redone also exists.
-    """
-    found = []
+def mask_stats(out: Path, ids: list[str]) -> dict[str, tuple[int, int]]:
+    """``{id: (inode, mtime_ns)}`` of the ``ids`` whose mask exists in ``out``."""
+    found = {}
     for image_id in ids:
         try:
-            written = (out / f"{image_id}.png").stat().st_mtime
+            stat = (out / f"{image_id}.png").stat()
         except OSError:
             continue
-        if since is None or written >= since - MTIME_SLACK:
-            found.append(image_id)
+        found[image_id] = (stat.st_ino, stat.st_mtime_ns)
     return found
+
+
+def written_since(out: Path, ids: list[str], before: dict[str, tuple[int, int]]) -> list[str]:
+    """The ``ids`` whose mask was (re)written after ``before`` (:func:`mask_stats`) was taken.
+
+    Masks are renamed into place, so a new mask is a new inode: after a run stopped early,
+    these are the images its workers finished without reporting back; a mask of an earlier
+    run that this one did not redo does not count.
+    """
+    after = mask_stats(out, ids)
+    return [i for i in ids if i in after and after[i] != before.get(i)]

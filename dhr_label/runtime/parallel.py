@@ -10,8 +10,11 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 from typing import TypeVar
+
+from threadpoolctl import threadpool_limits
 
 from ..errors import DHRLabelError
 
@@ -86,7 +89,7 @@ def map_chunks(
     """Yield ``function(chunk)`` for every chunk, as they complete (order not kept).
 
     ``loky``: ``workers`` processes on this machine, each with one BLAS/OpenMP thread (they
-    parallelise over images; PERFORMANCE-NOTES.md). With one worker, or one chunk, everything
+    parallelise over images; docs/performance.md). With one worker, or one chunk, everything
     runs in this process (no start-up cost). ``dask``: the chunks go to the workers of the
     cluster ``client`` is connected to (see :func:`dask_client`); ``workers`` is not used.
 
@@ -107,10 +110,36 @@ def map_chunks(
         return
     workers = max(1, min(workers, len(chunks)))
     if workers == 1:
-        yield from _deliver(((chunk, function(chunk)) for chunk in chunks), on_done)
+        # One BLAS thread here too, as in the workers: OpenBLAS rounds some products
+        # differently on 2 threads, and masks must not depend on the worker count.
+        with threadpool_limits(limits=1):
+            yield from _deliver(((chunk, function(chunk)) for chunk in chunks), on_done)
         return
     with parallel_config(backend="loky", inner_max_num_threads=1):
         yield from _deliver(Parallel(n_jobs=workers, return_as="generator_unordered")(tasks), on_done)
+
+
+def map_ordered(function: Callable[[list[T]], R], chunks: Sequence[list[T]], *, workers: int, ahead: int) -> Iterator[R]:
+    """Yield ``function(chunk)`` for every chunk in order, computed ``ahead`` chunks in advance.
+
+    For a consumer that must see results in a fixed order (device batches formed from the ids'
+    order) while workers read ahead of it. ``workers`` loky processes, one BLAS thread each; 1:
+    lazily, in this process. Closing the generator stops the workers.
+    """
+    from joblib import Parallel, delayed, parallel_config
+
+    if workers <= 1 or len(chunks) <= 1:
+        with threadpool_limits(limits=1):
+            yield from (function(chunk) for chunk in chunks)
+        return
+    with parallel_config(backend="loky", inner_max_num_threads=1):
+        results = Parallel(n_jobs=workers, return_as="generator", pre_dispatch=max(workers, ahead))(
+            delayed(function)(chunk) for chunk in chunks
+        )
+        try:
+            yield from results
+        finally:
+            _close(results)
 
 
 def _deliver(results, on_done):
@@ -121,6 +150,14 @@ def _deliver(results, on_done):
                 on_done(chunk, result)
             yield result
     finally:
+        _close(results)
+
+
+def _close(results) -> None:
+    """Close a joblib result generator. Stopping early is what the caller asked for (``--strict``,
+    Ctrl-C): joblib's advice about cancelled tasks is not for the user."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r".*tasks which were still being processed", category=UserWarning)
         results.close()
 
 

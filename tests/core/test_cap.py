@@ -12,7 +12,6 @@ from dhr_label.core.cap import (
     heat_maps,
     minmax_rows,
 )
-from dhr_label.core.dhr import uss_heat_maps
 from dhr_label.params import CapMode
 
 # 4 x 4 mask over a 2 x 2 grid (2 x 2 pixels a cell); 255 = ignore.
@@ -105,8 +104,9 @@ def test_thin_class_keeps_a_centroid_with_soft_cap_only():
 def test_thin_class_heat_map_through_step_2():
     mask, classes, features = _thin_line_scene()
     uss = features.reshape(5, 4, 4)
-    soft_maps, _ = uss_heat_maps(uss, mask, classes, CapMode.soft, 1e-5)
-    majority_maps, centroids = uss_heat_maps(uss, mask, classes, CapMode.majority, 1e-5)
+    flat = uss.reshape(5, -1)
+    soft_maps, _ = heat_maps(flat, class_cell_fractions(mask, classes, (4, 4), mode=CapMode.soft.value))
+    majority_maps, centroids = heat_maps(flat, class_cell_fractions(mask, classes, (4, 4), mode=CapMode.majority.value))
     assert soft_maps[1].max() == pytest.approx(1.0, abs=1e-6)
     np.testing.assert_array_equal(majority_maps[1], 0.0)  # no centroid, no heat
     np.testing.assert_array_equal(centroids[1], 0.0)

@@ -2,18 +2,11 @@
 import numpy as np
 import pytest
 
-from dhr_label.core.crf import pydense as crf_module
 from dhr_label.core import dhr
-from dhr_label.core.crf.pydense import ImageCRF
-from dhr_label.core.dhr import (
-    class_marginal,
-    correlated_groups,
-    integrate,
-    rebalance,
-    refine,
-    seed_mask,
-    seed_scores,
-)
+from dhr_label.core.crf import pydense as crf_module
+from dhr_label.core.crf.pydense import PydenseCRF as ImageCRF
+from dhr_label.core.dhr import integrate, rebalance, refine, seed_mask
+from dhr_label.core.pipeline import ImageState, class_marginal, correlated_groups, seed_transport
 from dhr_label.params import CRFParams, DHRParams, Marginal, Steps
 
 BG = 0
@@ -58,6 +51,12 @@ def _ablation_scene():
 
 def _row(row: int, **changes) -> DHRParams:
     return DHRParams(steps=Steps.row(row), **changes)
+
+
+def seed_scores(cam, params, base, labels):
+    """Step 1.1-1.2 as refine runs it: the transport the pipeline plans, then the scores."""
+    state = ImageState(cam, labels, None, base)
+    return dhr.seed_scores(cam, seed_transport(state, params), params)
 
 
 # --------------------------------------------------------------------------------------------
@@ -235,9 +234,11 @@ def test_rebalance_corrects_a_mislabelled_block(row):
     # Soft CAP: V_2 = e2, V_1 = (24 e1 + 4 e2) / 28, so the wrong block's cells are nearer V_2.
     truth, init, image, uss = _two_halves_scene()
     params = _row(row)
-    mask, groups, _ = rebalance(
-        init, uss if params.steps.uss else None, [uss] if params.steps.wss else None, params, ImageCRF(image, params.crf)
+    out = rebalance(
+        init, uss=uss if params.steps.uss else None, wss=[uss] if params.steps.wss else None, params=params,
+        crf=ImageCRF(image, params.crf),
     )
+    mask, groups = out.mask, out.groups
     assert mask.dtype == np.uint8
     np.testing.assert_array_equal(mask, truth)
     assert groups == []  # cos(V_1, V_2) = 4 / sqrt(24^2 + 4^2) = 0.16 < tau
@@ -260,7 +261,8 @@ def test_rebalance_groups_classes_the_uss_cannot_tell_apart():
     wss = np.stack([cells == 1, cells == 2, cells == 0]).astype(np.float32)
     wss += rng.normal(0, 0.05, wss.shape).astype(np.float32)
     params = _row(7)
-    mask, groups, _ = rebalance(init, uss, [wss], params, ImageCRF(image, params.crf))
+    out = rebalance(init, uss=uss, wss=[wss], params=params, crf=ImageCRF(image, params.crf))
+    mask, groups = out.mask, out.groups
     assert groups == [[1, 2]]
     np.testing.assert_array_equal(mask, truth)
 
@@ -268,7 +270,8 @@ def test_rebalance_groups_classes_the_uss_cannot_tell_apart():
 def test_rebalance_with_a_single_class_returns_init():
     init = np.full((4, 6), 3, dtype=np.uint8)
     init[0, 0] = 255
-    mask, groups, _ = rebalance(init, np.zeros((2, 2, 3), np.float32), None, _row(5), None)
+    out = rebalance(init, uss=np.zeros((2, 2, 3), np.float32), wss=None, params=_row(5), crf=None)
+    mask, groups = out.mask, out.groups
     np.testing.assert_array_equal(mask, init)
     assert mask is not init and groups == []
 

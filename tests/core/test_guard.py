@@ -2,7 +2,8 @@
 import numpy as np
 import pytest
 
-from dhr_label.core.dhr import guard_vanished, rebalance
+from dhr_label.core.dhr import rebalance
+from dhr_label.core.pipeline import guard_vanished
 from dhr_label.params import DHRParams, Steps
 
 
@@ -58,8 +59,8 @@ def test_guard_zero_is_the_papers_step_3():
     init = np.zeros((12, 16), dtype=np.uint8)
     init[:, 8:] = 1
     uss = rng.normal(size=(4, 3, 4)).astype(np.float32)
-    off, _, _ = rebalance(init, uss, None, DHRParams(steps=Steps.row(5)), None)
-    on, _, _ = rebalance(init, uss, None, DHRParams(steps=Steps.row(5), guard=1.0), None)
+    off = rebalance(init, uss=uss, wss=None, params=DHRParams(steps=Steps.row(5)), crf=None).mask
+    on = rebalance(init, uss=uss, wss=None, params=DHRParams(steps=Steps.row(5), guard=1.0), crf=None).mask
     # with guard 1.0 every class whose M_init region changed at all gets it back
     assert (on == init).all()
     assert off.shape == init.shape
@@ -69,7 +70,8 @@ def test_one_feature_cell_keeps_m_init():
     init = np.zeros((6, 6), dtype=np.uint8)
     init[:3] = 2
     uss = np.ones((5, 1, 1), dtype=np.float32)
-    mask, groups, _ = rebalance(init, uss, None, DHRParams(steps=Steps.row(5)), None)
+    out = rebalance(init, uss=uss, wss=None, params=DHRParams(steps=Steps.row(5)), crf=None)
+    mask, groups = out.mask, out.groups
     assert (mask == init).all() and groups == []
 
 
@@ -77,7 +79,7 @@ def test_missing_feature_source_is_named():
     init = np.zeros((6, 6), dtype=np.uint8)
     init[:3] = 2
     with pytest.raises(ValueError, match="USS"):
-        rebalance(init, None, None, DHRParams(steps=Steps.row(5)), None)
+        rebalance(init, uss=None, wss=None, params=DHRParams(steps=Steps.row(5)), crf=None)
 
 
 def test_guard_parameters_are_checked():

@@ -5,7 +5,8 @@ import numpy as np
 import ot as pot
 import pytest
 
-from dhr_label.core.ot import OTConvergenceWarning, f_ot, minmax_columns, sinkhorn
+from dhr_label.core.cap import minmax
+from dhr_label.core.ot import OTConvergenceWarning, f_ot, sinkhorn
 
 TOL = 1e-5  # sinkhorn's default tol: L1 error of the cell marginal
 COL_ATOL = 1e-6  # the class marginal is exact after its update, up to float32 rounding
@@ -133,9 +134,9 @@ def test_f_ot_columns_span_zero_to_one():
     np.testing.assert_allclose(out.max(axis=0), 1.0, atol=1e-6)
 
 
-def test_minmax_columns_known_values_and_clip():
+def test_minmax_along_axis_0_known_values_and_clip():
     values = np.array([[1.0, 2.0, 0.0], [3.0, 2.0, 4e-6], [5.0, 2.0, 2e-6]])
-    out = minmax_columns(values)
+    out = minmax(values, 0)
     np.testing.assert_allclose(out[:, 0], [0.0, 0.5, 1.0], atol=1e-7)
     np.testing.assert_array_equal(out[:, 1], 0.0)  # flat column: 0, not NaN
     # span 4e-6 < clip 1e-5: divided by the clip, so it stops short of 1.

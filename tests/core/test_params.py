@@ -1,16 +1,16 @@
-"""DHRParams defaults (ALGORITHM.md), validation, the Table 6 switches."""
+"""DHRParams defaults (docs/algorithm.md), validation, the Table 6 switches."""
 import dataclasses
 import json
 
 import pytest
 
-from dhr_label.params import ABLATION_ROWS, CapMode, CRFParams, DHRParams, Marginal, OTParams, Steps
+from dhr_label.params import ABLATION_ROWS, CapMode, CRFBackend, CRFParams, DHRParams, Marginal, OTParams, Steps
 
 
 def test_defaults_are_algorithm_md():
     p = DHRParams()
     assert (p.ot.eps, p.ot.tol, p.ot.max_iter, p.ot.minmax_clip) == (0.1, 1e-5, 1000, 1e-5)
-    assert dataclasses.astuple(p.crf) == (10, 1.0, 3.0, 67.0, 3.0, 4.0, 1e-5)
+    assert dataclasses.astuple(p.crf) == (10, 1.0, 3.0, 67.0, 3.0, 4.0, 1e-5, CRFBackend.pydensecrf)
     assert (p.gamma, p.rho, p.tau) == (1.0, 0.5, 0.8)
     assert p.cap is CapMode.soft
     assert p.marginal_init is Marginal.uniform and p.marginal_rebalance is Marginal.area

@@ -7,13 +7,13 @@ import pydensecrf.densecrf as dcrf
 from ...params import CRFParams
 
 
-class ImageCRF:
+class PydenseCRF:
     """DenseCRF of one image, for one or more label maps.
 
     The pairwise kernels depend only on the image and the CRF parameters, so the lattice
     built for a label count is kept and reused for the next call with the same count (DHR's
     two passes over one image often have the same count): the output is identical and the
-    set-up is paid once (PERFORMANCE-NOTES.md).
+    set-up is paid once (docs/performance.md).
 
     Parameters
     ----------

@@ -4,7 +4,7 @@ import pydensecrf.densecrf as dcrf
 import pytest
 
 from dhr_label.core.crf import pydense as crf_module
-from dhr_label.core.crf.pydense import ImageCRF
+from dhr_label.core.crf.pydense import PydenseCRF as ImageCRF
 from dhr_label.params import CRFParams
 
 H, W = 5, 7  # non-square, so a swapped width/height cannot pass unnoticed

@@ -1,1 +1,0 @@
-"""Checking inputs against FORMATS.md before a long run (``dhr-label inspect``)."""

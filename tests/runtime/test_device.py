@@ -1,0 +1,165 @@
+"""The device executor (runtime/refine/device.py) on any ``--device``: batches by pixel budget,
+readers ahead, writers behind, failures isolated, out-of-memory halving, determinism."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from helpers_bench import make_inputs
+from helpers_h5 import masks_in, pixels_in
+from PIL import Image
+
+torch = pytest.importorskip("torch")
+
+from dhr_label.io.contract import CamsFile  # noqa: E402
+from dhr_label.params import CRFBackend, CRFParams, DHRParams, Steps  # noqa: E402
+from dhr_label.presets import preset_from_classes  # noqa: E402
+from dhr_label.runtime.outcomes import DONE, FAILED, MaskTarget  # noqa: E402
+from dhr_label.runtime.refine import device as device_module  # noqa: E402
+from dhr_label.runtime.refine.cpu import RefineJob, run_images  # noqa: E402
+from dhr_label.runtime.refine.device import run_images_on_device  # noqa: E402
+
+AGREEMENT = 0.995  # the torch CRF against pydensecrf, end to end (the contract, README)
+SMALL_BATCH = 3 * 48 * 64  # pixels: about three generated images a batch
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    directory = tmp_path_factory.mktemp("data")
+    ids = make_inputs().generate(directory, 8, scale="tiny", seed=21)
+    with CamsFile.open(directory / "cams.h5") as cams:
+        preset = preset_from_classes(cams.classes, cams.background)
+    return directory, ids, preset
+
+
+def job_for(dataset, out: Path, params: DHRParams = DHRParams()) -> RefineJob:
+    directory, _, preset = dataset
+    out.mkdir(parents=True, exist_ok=True)
+    target = MaskTarget(out, preset.palette, "t0ken", "provenance")
+    return RefineJob(directory / "cams.h5", directory / "feats.h5" if params.steps.needs_features else None, params,
+                     preset.background, target)
+
+
+def on_device(job, ids, device, **options):
+    options.setdefault("readers", 1)
+    options.setdefault("batch_pixels", SMALL_BATCH)
+    return {r.image_id: r for r in run_images_on_device(job, ids, device=device, **options)}
+
+
+@pytest.mark.parametrize("params", [DHRParams(), DHRParams(steps=Steps.row(4)), DHRParams(steps=Steps.row(1))], ids=["row7", "row4", "row1"])
+def test_batches_write_the_cpu_executors_masks(dataset, tmp_path, device, params):
+    _, ids, _ = dataset  # the pydensecrf CRF on both sides: the batched stages are the difference
+    cpu = {r.image_id: r for r in run_images(job_for(dataset, tmp_path / "cpu", params), ids, workers=1)}
+    dev = on_device(job_for(dataset, tmp_path / "dev", params), ids, device)
+    assert sorted(dev) == sorted(ids) and all(r.status == DONE for r in dev.values()), [r.reason for r in dev.values()]
+    assert masks_in(tmp_path / "dev") == masks_in(tmp_path / "cpu")  # the same bytes
+    assert {i: r.restored for i, r in dev.items()} == {i: r.restored for i, r in cpu.items()}
+    stages = {"seed_scores", "seed_mask"} if params.steps.init else set()
+    assert all({"read", "write"} | stages <= set(r.timings) for r in dev.values())
+
+
+def test_masks_do_not_depend_on_readers_or_batch_size(dataset, tmp_path, device):
+    ids = dataset[1][:4]
+    params = DHRParams(crf=CRFParams(backend=CRFBackend.torch))
+    runs = {}
+    for name, options in {"one": dict(readers=1, batch_pixels=1), "three": dict(readers=2, batch_pixels=SMALL_BATCH),
+                          "all": dict(readers=2, batch_pixels=1 << 30)}.items():
+        results = on_device(job_for(dataset, tmp_path / name, params), ids, device, **options)
+        assert all(r.status == DONE for r in results.values())
+        runs[name] = masks_in(tmp_path / name)
+    assert runs["one"] == runs["three"] == runs["all"]
+
+
+def test_the_torch_crf_agrees_with_pydensecrf_end_to_end(dataset, tmp_path, device):
+    _, ids, _ = dataset
+    on_device(job_for(dataset, tmp_path / "torch", DHRParams(crf=CRFParams(backend=CRFBackend.torch))), ids, device)
+    list(run_images(job_for(dataset, tmp_path / "cpu"), ids, workers=1))
+    a, b = pixels_in(tmp_path / "torch"), pixels_in(tmp_path / "cpu")
+    same = sum(int((np.frombuffer(a[i], np.uint8) == np.frombuffer(b[i], np.uint8)).sum()) for i in ids)
+    total = sum(len(a[i]) for i in ids)
+    assert same / total >= AGREEMENT
+
+
+def test_a_bad_image_fails_alone_with_the_cpu_executors_reason(dataset, tmp_path, device):
+    _, ids, _ = dataset
+    wanted = [ids[0], "no_such_image", ids[1]]
+    cpu = {r.image_id: r for r in run_images(job_for(dataset, tmp_path / "cpu"), wanted, workers=1)}
+    dev = on_device(job_for(dataset, tmp_path / "dev"), wanted, device)
+    assert dev["no_such_image"].status == FAILED and dev["no_such_image"].reason == cpu["no_such_image"].reason
+    assert dev[ids[0]].status == dev[ids[1]].status == DONE
+    assert not (tmp_path / "dev" / "no_such_image.png").exists()
+
+
+def test_an_image_the_device_cannot_take_fails_alone(dataset, tmp_path, device, monkeypatch):
+    _, ids, _ = dataset
+    with CamsFile.open(dataset[0] / "cams.h5") as cams:
+        bad_cam, _ = cams.read_cam(ids[2])
+    real = device_module.run_batch
+
+    def failing(states, params, device):  # stands for a device error on one image of the batch
+        if any(np.array_equal(np.asarray(s.cam), bad_cam) for s in states):
+            raise ValueError("device maths failed")
+        return real(states, params, device)
+
+    monkeypatch.setattr(device_module, "run_batch", failing)
+    results = on_device(job_for(dataset, tmp_path / "dev"), ids, device, batch_pixels=1 << 30)
+    assert results[ids[2]].status == FAILED
+    assert results[ids[2]].reason.startswith("internal error ValueError: device maths failed")
+    assert all(results[i].status == DONE for i in ids if i != ids[2])
+
+
+def test_out_of_memory_halves_the_batch_and_changes_no_mask(dataset, tmp_path, device, monkeypatch):
+    _, ids, _ = dataset
+    on_device(job_for(dataset, tmp_path / "plain"), ids, device, batch_pixels=1 << 30)
+    real, sizes = device_module.run_batch, []
+
+    def small_memory(states, params, device):  # a device that holds two images at most
+        sizes.append(len(states))
+        if len(states) > 2:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return real(states, params, device)
+
+    monkeypatch.setattr(device_module, "run_batch", small_memory)
+    results = on_device(job_for(dataset, tmp_path / "halved"), ids, device, batch_pixels=1 << 30)
+    assert all(r.status == DONE for r in results.values())
+    assert sizes == [8, 4, 2, 2, 4, 2, 2]  # halved, down to what fits, each half in turn
+    assert masks_in(tmp_path / "halved") == masks_in(tmp_path / "plain")
+
+
+def test_an_image_that_does_not_fit_alone_fails_alone(dataset, tmp_path, device, monkeypatch):
+    _, ids, _ = dataset
+    real = device_module.run_batch
+    huge = ids[3]
+    with CamsFile.open(dataset[0] / "cams.h5") as cams:
+        huge_cam, _ = cams.read_cam(huge)
+
+    def tight(states, params, device):
+        if any(np.array_equal(np.asarray(s.cam), huge_cam) for s in states):
+            raise torch.OutOfMemoryError("CUDA out of memory")
+        return real(states, params, device)
+
+    monkeypatch.setattr(device_module, "run_batch", tight)
+    results = on_device(job_for(dataset, tmp_path / "dev"), ids, device, batch_pixels=1 << 30)
+    assert results[huge].status == FAILED
+    assert "the device ran out of memory for this image alone" in results[huge].reason
+    assert all(results[i].status == DONE for i in ids if i != huge)
+
+
+def test_closing_early_stops_the_work(dataset, tmp_path, device):
+    _, ids, _ = dataset
+    out = tmp_path / "dev"
+    run = run_images_on_device(job_for(dataset, out), ids, device=device, readers=2, batch_pixels=1)
+    first = next(run)
+    run.close()
+    written = masks_in(out)
+    assert first.status == DONE and 1 <= len(written) < len(ids)
+    assert masks_in(out) == written and not any(p.name.endswith(".dhr-tmp") for p in out.iterdir())
+
+
+def test_mask_files_are_class_ids_of_the_image_size(dataset, tmp_path, device):
+    _, ids, preset = dataset
+    on_device(job_for(dataset, tmp_path / "dev"), ids[:2], device)
+    for image_id in ids[:2]:
+        with Image.open(tmp_path / "dev" / f"{image_id}.png") as mask:
+            assert mask.mode == "P" and np.asarray(mask).max() < preset.num_classes
