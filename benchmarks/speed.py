@@ -7,7 +7,8 @@ For each dataset given (the CamVid benchmark, generated inputs from make_inputs.
    directly (same images, same unaries, same kernels, a fresh DenseCRF2D per call), and
    their ratio (target <= 1.15); the two are timed image by image, alternately, so that
    the load of a shared machine hits both alike;
-2. the per-step breakdown (read, Step-1 OT, CRF 1, integration, heat maps, OT, CRF 2, write);
+2. the per-stage breakdown (read, seed scores, seed mask, heat maps, final mask, write), and
+   the two CRF calls inside the seed-mask and final-mask stages;
 3. with ``--parallel N``: the parallel efficiency of ``dhr-label refine`` from 1 to 2
    workers on N images, ``T1 / (2 T2)`` (target >= 90 %), from the command's own timing;
 4. with ``--rss DIR ...``: the peak resident memory of a whole ``dhr-label refine -j 2`` run
@@ -19,7 +20,7 @@ process on a busy 2-core machine made small matrix products 20x slower.
 
 Usage::
 
-    python benchmarks/speed.py --data /work/shared/data/camvid-val --data /tmp/gen-voc \\
+    python benchmarks/speed.py --data /path/to/camvid-val --data /tmp/gen-voc \\
         --images 12 --parallel 24 --rss /tmp/gen-tiny-100 /tmp/gen-tiny-1000
 """
 from __future__ import annotations
@@ -46,9 +47,10 @@ from dhr_label.core.crf import pydense as crf_module  # noqa: E402
 from dhr_label.io.contract import CamsFile  # noqa: E402
 from dhr_label.params import DHRParams  # noqa: E402
 from dhr_label.presets import preset_from_classes  # noqa: E402
-from dhr_label.runtime.refine_run import RefineJob, refine_one  # noqa: E402
+from dhr_label.runtime.outcomes import MaskTarget  # noqa: E402
+from dhr_label.runtime.refine.cpu import RefineJob, refine_one  # noqa: E402
 
-STEPS = ("read", "step1_ot", "crf1", "integrate", "heat_maps", "ot", "crf2", "write")
+STEPS = ("read", "seed_scores", "seed_mask", "heat_maps", "final_mask", "write")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -95,20 +97,24 @@ class CRFRecorder:
 
     def __init__(self):
         self.calls: list[tuple[np.ndarray, np.ndarray]] = []
-        self._original = crf_module.ImageCRF.marginals
+        self.seconds: list[float] = []  # of each call inside the engine
+        self._original = crf_module.PydenseCRF.marginals
 
     def __enter__(self):
         recorder = self
 
         def recording(crf, probs):
             recorder.calls.append((crf.image, np.array(probs, dtype=np.float32)))
-            return recorder._original(crf, probs)
+            start = time.perf_counter()
+            out = recorder._original(crf, probs)
+            recorder.seconds.append(time.perf_counter() - start)
+            return out
 
-        crf_module.ImageCRF.marginals = recording
+        crf_module.PydenseCRF.marginals = recording
         return self
 
     def __exit__(self, *exc):
-        crf_module.ImageCRF.marginals = self._original
+        crf_module.PydenseCRF.marginals = self._original
 
 
 def bare_crf_seconds(calls, params, *, reuse: bool = False) -> float:
@@ -144,10 +150,11 @@ def engine_vs_floor(data: Path, count: int, params: DHRParams) -> dict:
         ids = cams_file.ids()[:count]
         preset = preset_from_classes(cams_file.classes, cams_file.background)
     out = Path(tempfile.mkdtemp(prefix="dhr-speed-"))
-    job = RefineJob(cams=cams, feats=feats, out=out, params=params, background=preset.background, palette=preset.palette)
+    job = RefineJob(cams, feats, params, preset.background, MaskTarget(out, preset.palette, "speed", "speed"))
     refine_one(job, ids[0])  # opens the files, warms the interpreter; not counted
     engine, bare, lean = [], [], []
     steps = dict.fromkeys(STEPS, 0.0)
+    crf_calls = [0.0, 0.0]  # the first and the second CRF of an image, inside the engine
     labels_per_call = []
     masks = {}
     for image_id in ids:
@@ -162,6 +169,8 @@ def engine_vs_floor(data: Path, count: int, params: DHRParams) -> dict:
         lean.append(bare_crf_seconds(recorder.calls, params, reuse=True))
         for key in STEPS:
             steps[key] += result.timings.get(key, 0.0)
+        for index, seconds in enumerate(recorder.seconds[:2]):
+            crf_calls[index] += seconds
         labels_per_call.extend(len(probs) for _, probs in recorder.calls)
         masks[image_id] = (out / f"{image_id}.png").read_bytes()
     sizes = {tuple(image.shape[:2]) for image, _ in recorder.calls}
@@ -176,6 +185,7 @@ def engine_vs_floor(data: Path, count: int, params: DHRParams) -> dict:
         "ratio": float(np.sum(engine) / np.sum(bare)),
         "ratio_lean": float(np.sum(engine) / np.sum(lean)),
         "steps_s": {k: v / len(ids) for k, v in steps.items()},
+        "crf_calls_s": [c / len(ids) for c in crf_calls],
         "out": str(out),
     }
 
@@ -313,6 +323,8 @@ def main(argv: list[str] | None = None) -> int:
             value = row["steps_s"][key]
             print(f"  {key:10s} {value * 1e3:8.1f} ms  {100 * value / total:5.1f} %")
         print(f"  {'other':10s} {(total - accounted) * 1e3:8.1f} ms  {100 * (total - accounted) / total:5.1f} %")
+        first, second = row["crf_calls_s"]
+        print(f"  of which CRF 1 {first * 1e3:.1f} ms (in seed_mask), CRF 2 {second * 1e3:.1f} ms (in final_mask)")
 
     if args.parallel and args.data:
         report["parallel"] = []

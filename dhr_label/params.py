@@ -194,6 +194,22 @@ class DHRParams:
         """
         return _build(cls, data, "")
 
+    def with_values(self, values: dict) -> "DHRParams":
+        """A copy with dotted fields set (``{"tau": 0.5, "ot.eps": 0.2, "cap": "majority"}``),
+        checked as :meth:`from_dict` checks a file."""
+        data = self.to_dict()
+        for dotted, value in values.items():
+            *path, last = dotted.split(".")
+            node = data
+            for part in path:
+                if not isinstance(node.get(part), dict):
+                    raise ValueError(f"unknown parameter {dotted!r}")
+                node = node[part]
+            if last not in node:
+                raise ValueError(f"unknown parameter {dotted!r}")
+            node[last] = value.value if isinstance(value, enum.Enum) else value
+        return DHRParams.from_dict(data)
+
     def differences(self, other: "DHRParams") -> list[str]:
         """``name: mine -> theirs`` for every field (dotted for nested) where the two differ."""
         mine, theirs = _flatten(self.to_dict()), _flatten(other.to_dict())

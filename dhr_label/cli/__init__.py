@@ -1,14 +1,7 @@
 """The ``dhr-label`` command line: one module per command, all on :data:`app.app`."""
 from __future__ import annotations
 
-from . import (  # noqa: F401  (each module registers its command)
-    inspect,
-    merge,  # noqa: F401
-    pack,  # noqa: F401
-    refine,
-    score,
-    show,
-)
+from . import inspect, merge, pack, refine, score, show, tune  # noqa: F401  (each module registers its command)
 from .app import app
 
 

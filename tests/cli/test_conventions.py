@@ -17,7 +17,7 @@ from dhr_label.io.masks import write_mask
 from dhr_label.presets import PRESETS
 
 runner = CliRunner()
-COMMANDS = ["refine", "score", "inspect", "show", "pack", "merge-manifests"]
+COMMANDS = ["refine", "score", "inspect", "show", "pack", "merge-manifests", "tune"]
 
 
 @pytest.fixture

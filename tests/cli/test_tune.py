@@ -1,0 +1,159 @@
+"""``dhr-label tune``: a grid whose best value is known by construction, disjoint covering folds,
+Step 1 computed once per Step-1 setting, resume, and params.json through ``refine --params``."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from helpers_h5 import last_run, make_dataset, run_refine
+from typer.testing import CliRunner
+
+from dhr_label.cli import app
+from dhr_label.core import dhr
+from dhr_label.io.masks import write_mask
+from dhr_label.metrics.crossval import Tally, assign_folds, cross_validate
+from dhr_label.presets import PRESETS
+
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def labelled(tmp_path_factory):
+    """Six generated images whose base masks lost a tag; their truth as ground truth."""
+    root = tmp_path_factory.mktemp("tune")
+    data = make_dataset(root / "in", 6, size=(24, 32))
+    gt = root / "gt"
+    gt.mkdir()
+    for image_id, record in data.records.items():
+        write_mask(gt / f"{image_id}.png", record["truth"], PRESETS["voc"].palette)
+    return data, gt
+
+
+def tune(data, gt, out, *extra):
+    return runner.invoke(app, ["tune", "--cams", str(data.cams), "--feats", str(data.feats), "--gt", str(gt),
+                               "--out", str(out), "--workers", "1", *extra])
+
+
+def test_the_best_value_known_by_construction_is_chosen_in_every_fold(labelled, tmp_path):
+    data, gt = labelled
+    # rho = 0 never restores the tag the base mask lost; rho = 0.5 does (Step 1.5).
+    result = tune(data, gt, tmp_path / "tune", "--row", "4", "--grid", "rho=0.0,0.5", "--folds", "3", "--json")
+    assert result.exit_code == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert report["chosen"] == {"rho": 0.5} and report["parameters"]["rho"] == 0.5
+    assert [f["chosen"] for f in report["cross_validation"]["per_fold"]] == [{"rho": 0.5}] * 3
+    by_rho = {v["settings"]["rho"]: v["scores"]["miou"] for v in report["variants"]}
+    assert by_rho[0.5] > by_rho[0.0]
+    assert sum(report["fold_sizes"]) == 6 and max(report["fold_sizes"]) - min(report["fold_sizes"]) <= 1
+    params = json.loads((tmp_path / "tune" / "params.json").read_text())
+    assert params["format"] == "dhr-label/params" and params["parameters"]["steps"]["uss"] is False
+    assert sorted(p.name for p in (tmp_path / "tune" / "plots").iterdir()) == ["rho-miou.png", "rho-vanished.png"]
+    assert (tmp_path / "tune" / "report.html").read_text().count("<img") == 2
+
+
+def test_params_json_round_trips_through_refine(labelled, tmp_path):
+    data, gt = labelled
+    assert tune(data, gt, tmp_path / "tune", "--grid", "tau=0.5,0.9", "--grid", "cap=soft,majority").exit_code == 0
+    chosen = json.loads((tmp_path / "tune" / "params.json").read_text())["parameters"]
+    out = tmp_path / "masks"
+    assert run_refine(data, out, "--params", str(tmp_path / "tune" / "params.json")).exit_code == 0
+    assert json.loads((out / "dhr-label-manifest.json").read_text())["parameters"] == chosen
+    again = run_refine(data, tmp_path / "flag", "--params", str(tmp_path / "tune" / "params.json"), "--rho", "0.3")
+    assert again.exit_code == 0
+    recorded = json.loads((tmp_path / "flag" / "dhr-label-manifest.json").read_text())["parameters"]
+    assert recorded == {**chosen, "rho": 0.3}  # an explicit option wins over the file
+    assert last_run(tmp_path / "flag")["status"] == "complete"
+
+
+def test_step_1_runs_once_per_step_1_setting(labelled, tmp_path, monkeypatch):
+    data, gt = labelled
+    calls = []
+    real = dhr.seed_mask
+    monkeypatch.setattr(dhr, "seed_mask", lambda *a, **k: calls.append(1) or real(*a, **k))
+    result = tune(data, gt, tmp_path / "tune", "--grid", "tau=0.5,0.7,0.9", "--grid", "marginal-floor=0.01,0.05")
+    assert result.exit_code == 0, result.stderr
+    assert len(calls) == 6  # six images, one Step 1 each for six Steps 2-3 variants
+    calls.clear()
+    assert tune(data, gt, tmp_path / "two", "--grid", "rho=0.3,0.5", "--grid", "tau=0.5,0.9").exit_code == 0
+    assert len(calls) == 12  # two Step-1 settings (rho) per image
+
+
+def test_a_killed_run_resumes_and_other_settings_are_refused(labelled, tmp_path):
+    data, gt = labelled
+    out = tmp_path / "tune"
+    assert tune(data, gt, out, "--grid", "tau=0.5,0.9").exit_code == 0
+    first = json.loads((out / "report.json").read_text())
+    (out / "images" / "img_002.npz").unlink()  # as if the run had been killed before it
+    stamps = {p.name: p.stat().st_mtime_ns for p in (out / "images").iterdir()}
+    again = tune(data, gt, out, "--grid", "tau=0.5,0.9")
+    assert again.exit_code == 0
+    assert {p.name: p.stat().st_mtime_ns for p in (out / "images").iterdir() if p.name in stamps} == stamps
+    assert json.loads((out / "report.json").read_text())["variants"] == first["variants"]
+    other = tune(data, gt, out, "--grid", "tau=0.6")
+    assert other.exit_code == 1 and "holds the counts of another tune run" in other.stderr
+    assert tune(data, gt, out, "--grid", "tau=0.6", "--overwrite").exit_code == 0
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--grid", "nonsense=1"], "unknown parameter 'nonsense'"),
+    (["--grid", "tau"], "expected NAME=V1,V2"),
+    (["--grid", "cap=soft,diagonal"], "cap: expected one of soft, majority"),
+    (["--sample", "tau=0.9:0.5"], "expected LOW < HIGH"),
+    (["--objective", "speed", "--grid", "tau=0.5"], "--objective"),
+    ([], "nothing to tune"),
+])
+def test_usage_errors(labelled, tmp_path, args, message):
+    data, gt = labelled
+    result = tune(data, gt, tmp_path / "tune", *args)
+    assert result.exit_code == 2 and message in result.stderr
+
+
+def test_random_samples_are_reproducible(labelled, tmp_path):
+    data, gt = labelled
+    runs = [tune(data, gt, tmp_path / name, "--row", "4", "--sample", "rho=0.1:0.9", "--samples", "3", "--seed", "4", "--json")
+            for name in ("a", "b")]
+    settings = [[v["settings"] for v in json.loads(r.stdout)["variants"]] for r in runs]
+    assert settings[0] == settings[1] and len(settings[0]) == 3
+    assert all(0.1 <= s["rho"] <= 0.9 for s in settings[0])
+
+
+# ----------------------------------------------------------------------------------------------
+# The cross-validation maths
+# ----------------------------------------------------------------------------------------------
+def test_folds_are_disjoint_covering_balanced_and_order_free():
+    ids = [f"id{i}" for i in range(11)]
+    folds = assign_folds(ids, 3, seed=1)
+    assert sorted(folds) == sorted(ids) and set(folds.values()) == {0, 1, 2}
+    sizes = sorted(list(folds.values()).count(k) for k in range(3))
+    assert sizes == [3, 4, 4]
+    assert assign_folds(list(reversed(ids)), 3, seed=1) == folds
+    with pytest.raises(ValueError, match="between 2 and the number of images"):
+        assign_folds(ids[:1], 2)
+
+
+def _tally(correct: int, wrong: int) -> Tally:
+    """Two classes; class 0 right ``correct`` times, wrong ``wrong`` times; class 1 always right."""
+    confusion = np.array([[correct, wrong, 0], [0, 10, 0]], dtype=np.int64)
+    return Tally(confusion, 0, 2, 1)
+
+
+def _miou(correct: int, wrong: int, tallies: int = 1) -> float:
+    """The mIoU of ``tallies`` of them summed: class 1 holds 10 pixels each."""
+    right = 10 * tallies
+    return (correct / (correct + wrong) + right / (right + wrong)) / 2
+
+
+def test_held_out_scores_are_of_the_setting_chosen_without_that_fold():
+    # Setting 0 is the best on fold 0 alone; setting 1 on folds 1 and 2, and on any two folds.
+    counts = [[(10, 0), (5, 5), (5, 5)], [(8, 2), (9, 1), (9, 1)]]
+    cv = cross_validate([[_tally(*c) for c in folds] for folds in counts], "miou")
+    assert [f.chosen for f in cv.folds] == [1, 1, 1]
+    assert cv.folds[0].held_out["miou"] == pytest.approx(_miou(8, 2))  # setting 1 on fold 0
+    assert cv.pooled["miou"] == pytest.approx(_miou(8 + 9 + 9, 2 + 1 + 1, 3))
+    assert cv.chosen == 1 and cv.in_sample["miou"] == pytest.approx(_miou(26, 4, 3))
+    # Where the choice depends on the held-out fold: setting 0 is best unless fold 2 is in.
+    counts = [[(10, 0), (10, 0), (0, 10)], [(7, 3), (7, 3), (10, 0)]]
+    cv = cross_validate([[_tally(*c) for c in folds] for folds in counts], "miou")
+    assert [f.chosen for f in cv.folds] == [1, 1, 0]
+    assert cv.pooled["miou"] == pytest.approx(_miou(7 + 7 + 0, 3 + 3 + 10, 3))
