@@ -110,6 +110,7 @@ def replay(records: list[dict], params: CRFParams, device: torch.device, batch: 
                     same_unary = pydensecrf_on_unary(r["image"], torch_unary(r["calls"][k], params), params)
                     row["exact"] = bool(np.array_equal(q, same_unary))
                 r.setdefault("rows", []).append(row)
+        log(f"  replayed {min(start + batch, len(records))}/{len(records)}")
 
 
 def camvid_records(data: Path, count: int, params: DHRParams) -> list[dict]:

@@ -56,6 +56,9 @@ SCALES: dict[str, Scale] = {
     "coco": Scale("coco", ((480, 640), (640, 480), (427, 640)), (1, 20), 384, 64, (1024, 2048)),
     # COCO-Stuff-171: no background, every pixel is a class, up to 30 tags.
     "stuff": Scale("stuff", ((480, 640), (427, 640), (640, 480)), (4, 30), 384, 64, (1024, 2048)),
+    # CamVid val's shapes: 11 classes, no background, 360 x 480, ~10 tags, USS 64 x 45 x 60,
+    # WSS 112 and 1280 channels at stride 16 (the real benchmark's layout, for throughput runs).
+    "camvid": Scale("camvid", ((360, 480),), (6, 11), 64, 60, (112, 1280)),
     # Small images and features, for memory runs over thousands of images and for tests.
     "tiny": Scale("voc", ((96, 128), (128, 96)), (1, 4), 32, 16, (32, 64)),
 }

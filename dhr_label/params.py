@@ -104,6 +104,9 @@ class CRFParams:
     unary_clip: float = 1e-5
     backend: CRFBackend = CRFBackend.pydensecrf  # refine picks the default per device (README)
 
+    def __post_init__(self) -> None:
+        _coerce_enums(self)
+
 
 @dataclass(frozen=True)
 class OTParams:
@@ -140,6 +143,7 @@ class DHRParams:
     ignore_below: float = 0.0
 
     def __post_init__(self) -> None:
+        _coerce_enums(self)
         problems = []
         if not self.ot.eps > 0:
             problems.append(f"eps must be > 0, got {self.ot.eps}")
@@ -215,6 +219,20 @@ class DHRParams:
         mine, theirs = _flatten(self.to_dict()), _flatten(other.to_dict())
         return [f"{key}: {mine.get(key)} -> {theirs.get(key)}" for key in sorted(set(mine) | set(theirs))
                 if mine.get(key) != theirs.get(key)]
+
+
+def _coerce_enums(instance) -> None:
+    """Enum fields given as their values (``cap="majority"``, ``backend="torch"``) become the
+    enum members, so that comparisons by identity hold; an unknown value raises ValueError."""
+    for f in dataclasses.fields(instance):
+        default = f.default
+        value = getattr(instance, f.name)
+        if isinstance(default, enum.Enum) and not isinstance(value, type(default)):
+            try:
+                object.__setattr__(instance, f.name, type(default)(value))
+            except ValueError:
+                choices = ", ".join(m.value for m in type(default))
+                raise ValueError(f"{f.name} must be one of {choices}, got {value!r}") from None
 
 
 def _flatten(data: dict, prefix: str = "") -> dict:

@@ -16,7 +16,7 @@ from dhr_label.io.contract import CamsFile  # noqa: E402
 from dhr_label.params import CRFBackend, CRFParams, DHRParams, Steps  # noqa: E402
 from dhr_label.presets import preset_from_classes  # noqa: E402
 from dhr_label.runtime.outcomes import DONE, FAILED, MaskTarget  # noqa: E402
-from dhr_label.runtime.refine import device as device_module  # noqa: E402
+from dhr_label.core import batched as batched_module  # noqa: E402
 from dhr_label.runtime.refine.cpu import RefineJob, run_images  # noqa: E402
 from dhr_label.runtime.refine.device import run_images_on_device  # noqa: E402
 
@@ -95,14 +95,14 @@ def test_an_image_the_device_cannot_take_fails_alone(dataset, tmp_path, device, 
     _, ids, _ = dataset
     with CamsFile.open(dataset[0] / "cams.h5") as cams:
         bad_cam, _ = cams.read_cam(ids[2])
-    real = device_module.run_batch
+    real = batched_module.run_batch
 
     def failing(states, params, device):  # stands for a device error on one image of the batch
         if any(np.array_equal(np.asarray(s.cam), bad_cam) for s in states):
             raise ValueError("device maths failed")
         return real(states, params, device)
 
-    monkeypatch.setattr(device_module, "run_batch", failing)
+    monkeypatch.setattr(batched_module, "run_batch", failing)
     results = on_device(job_for(dataset, tmp_path / "dev"), ids, device, batch_pixels=1 << 30)
     assert results[ids[2]].status == FAILED
     assert results[ids[2]].reason.startswith("internal error ValueError: device maths failed")
@@ -112,7 +112,7 @@ def test_an_image_the_device_cannot_take_fails_alone(dataset, tmp_path, device, 
 def test_out_of_memory_halves_the_batch_and_changes_no_mask(dataset, tmp_path, device, monkeypatch):
     _, ids, _ = dataset
     on_device(job_for(dataset, tmp_path / "plain"), ids, device, batch_pixels=1 << 30)
-    real, sizes = device_module.run_batch, []
+    real, sizes = batched_module.run_batch, []
 
     def small_memory(states, params, device):  # a device that holds two images at most
         sizes.append(len(states))
@@ -120,7 +120,7 @@ def test_out_of_memory_halves_the_batch_and_changes_no_mask(dataset, tmp_path, d
             raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
         return real(states, params, device)
 
-    monkeypatch.setattr(device_module, "run_batch", small_memory)
+    monkeypatch.setattr(batched_module, "run_batch", small_memory)
     results = on_device(job_for(dataset, tmp_path / "halved"), ids, device, batch_pixels=1 << 30)
     assert all(r.status == DONE for r in results.values())
     assert sizes == [8, 4, 2, 2, 4, 2, 2]  # halved, down to what fits, each half in turn
@@ -129,7 +129,7 @@ def test_out_of_memory_halves_the_batch_and_changes_no_mask(dataset, tmp_path, d
 
 def test_an_image_that_does_not_fit_alone_fails_alone(dataset, tmp_path, device, monkeypatch):
     _, ids, _ = dataset
-    real = device_module.run_batch
+    real = batched_module.run_batch
     huge = ids[3]
     with CamsFile.open(dataset[0] / "cams.h5") as cams:
         huge_cam, _ = cams.read_cam(huge)
@@ -139,7 +139,7 @@ def test_an_image_that_does_not_fit_alone_fails_alone(dataset, tmp_path, device,
             raise torch.OutOfMemoryError("CUDA out of memory")
         return real(states, params, device)
 
-    monkeypatch.setattr(device_module, "run_batch", tight)
+    monkeypatch.setattr(batched_module, "run_batch", tight)
     results = on_device(job_for(dataset, tmp_path / "dev"), ids, device, batch_pixels=1 << 30)
     assert results[huge].status == FAILED
     assert "the device ran out of memory for this image alone" in results[huge].reason

@@ -209,7 +209,7 @@ def softmax_slots(logits: torch.Tensor, layout: SlotLayout, empty: torch.Tensor 
     Parameters
     ----------
     logits : Tensor, shape (P, n_slots), float32
-        Empty slots may hold anything finite or -inf; they come out 0.
+        Empty slots may hold any value; they come out 0.
     layout : SlotLayout
     empty : Tensor, shape (P, n_slots), bool, optional
         True at the slots of a row that its image does not use; needed unless
@@ -221,6 +221,8 @@ def softmax_slots(logits: torch.Tensor, layout: SlotLayout, empty: torch.Tensor 
         Per row ``exp(x - max) / sum``, the sum in Eigen's order over the image's labels.
     """
     if empty is not None:
+        # -inf: no part in the maximum, and exp exactly 0 in both exps (pexp clamps to
+        # exp_lo, whose 2^n is +0; expf returns 0 below -103.97), so it adds 0 to the sums.
         logits = logits.masked_fill(empty, float("-inf"))
     x = logits - logits.amax(dim=1, keepdim=True)
     n_packet = layout.n_packet
@@ -230,8 +232,6 @@ def softmax_slots(logits: torch.Tensor, layout: SlotLayout, empty: torch.Tensor 
     if layout.tail:
         parts.append(glibc_expf(x[:, n_packet:]))
     e = parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
-    if empty is not None:
-        e = e.masked_fill(empty, 0.0)  # pexp of -inf is not 0; an empty slot must add 0
     total = _packet_sum(e, layout)
     for j in range(n_packet, layout.n_slots):
         total = total + e[:, j]

@@ -127,6 +127,20 @@ def refine_chunk(job: RefineJob, ids: list[str]) -> list[ImageResult]:
     return [refine_one(job, image_id) for image_id in ids]
 
 
+def read_chunk(job: RefineJob, ids: list[str]) -> list[tuple[str, ImageInputs | None, ImageResult | None, float]]:
+    """Read and validate the inputs of ``ids`` (a reader's task for the device executor: here,
+    so that readers never import torch); a failure per bad image."""
+    become_worker(job.parent, job.host)
+    files, out = _files(job), []
+    for image_id in ids:
+        t = time.perf_counter()
+        try:
+            out.append((image_id, files.read(image_id), None, time.perf_counter() - t))
+        except Exception as exc:  # noqa: BLE001 - becomes that image's failure
+            out.append((image_id, None, failure(image_id, exc, cams=job.cams, seconds=time.perf_counter() - t), 0.0))
+    return out
+
+
 def run_images(job: RefineJob, ids: list[str], *, workers: int, backend: str = "loky", client=None):
     """Refine ``ids`` over ``workers`` processes; yield every :class:`ImageResult` as it ends.
 

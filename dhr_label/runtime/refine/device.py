@@ -25,13 +25,11 @@ from functools import partial
 
 import numpy as np
 
-from ...core.batched import run_batch
 from ...core.pipeline import ImageState, start
 from ...io.inputs import ImageInputs
 from ..outcomes import ImageResult, capped_notes, failure
 from ..parallel import chunked, map_ordered
-from ..signals import become_worker
-from .cpu import RefineJob, _files
+from .cpu import RefineJob, read_chunk
 
 #: Default pixels per device batch (the sum of H x W): ~100 CamVid-sized images, ~10 GB at the
 #: peak of the torch CRF with 21 labels; an out-of-memory batch is halved, so smaller GPUs work.
@@ -45,19 +43,6 @@ class _Item:
     image_id: str
     inputs: ImageInputs
     read: float  # seconds
-
-
-def read_chunk(job: RefineJob, ids: list[str]) -> list[tuple[str, ImageInputs | None, ImageResult | None, float]]:
-    """Read and validate the inputs of ``ids`` (a reader's task); a failure per bad image."""
-    become_worker(job.parent, job.host)
-    files, out = _files(job), []
-    for image_id in ids:
-        t = time.perf_counter()
-        try:
-            out.append((image_id, files.read(image_id), None, time.perf_counter() - t))
-        except Exception as exc:  # noqa: BLE001 - becomes that image's failure
-            out.append((image_id, None, failure(image_id, exc, cams=job.cams, seconds=time.perf_counter() - t), 0.0))
-    return out
 
 
 def run_images_on_device(
@@ -128,6 +113,8 @@ def _solve(items: list[_Item], job: RefineJob, device) -> list[tuple[_Item, Imag
     """Run a batch; on failure retry as the module says. Per item: its state (or failed
     result) and its share of the device seconds."""
     import torch
+
+    from ...core.batched import run_batch  # here: importing this module must not import torch (readers)
 
     out_of_memory = getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError)
     t = time.perf_counter()

@@ -132,21 +132,7 @@ def run_refine(
                 record["engine"]["workers"] = workers
                 if on_start is not None:
                     on_start(len(todo), ledger.skipped)
-                results = run(todo)
-                try:
-                    for result in results:
-                        ledger.record(result)
-                        if on_result is not None:
-                            on_result(result)
-                        if watch.requested is not None:  # a Ctrl-C Python swallowed in a callback
-                            raise watch.requested
-                        if result.fatal:
-                            error = result.reason
-                            break
-                        if r.strict and result.status == FAILED:
-                            break
-                finally:
-                    results.close()  # stops the workers before output_lock removes temporaries
+                error = _drive(run(todo), ledger, watch, strict=r.strict, on_result=on_result)
         except KeyboardInterrupt as exc:  # Ctrl-C, SIGTERM, SIGHUP
             interrupted = exc
         except DHRLabelError as exc:
@@ -166,6 +152,25 @@ def run_refine(
                 "(the manifest records it)"] if foreign_left else []
     return RefineReport(r.out, written, ledger.counts(), ledger.seconds, sorted(ledger.failures, key=lambda f: f["id"]),
                         len(ledger.notes), interrupted, error, warnings)
+
+
+def _drive(results, ledger: RunLedger, watch: InterruptWatch, *, strict: bool, on_result) -> str | None:
+    """Record every result; stop at a fatal one (the directory's: returned), or at the first
+    failure with ``strict``. The workers are stopped before this returns, whatever happens."""
+    try:
+        for result in results:
+            ledger.record(result)
+            if on_result is not None:
+                on_result(result)
+            if watch.requested is not None:  # a Ctrl-C Python swallowed in a callback
+                raise watch.requested
+            if result.fatal:
+                return result.reason
+            if strict and result.status == FAILED:
+                return None
+    finally:
+        results.close()  # stops the workers before output_lock removes temporaries
+    return None
 
 
 def plan(
