@@ -247,7 +247,14 @@ class Lattice:
     def device(self) -> torch.device:
         return self.slice_weight.device
 
-    def filter(self, values: torch.Tensor, *, alpha_last: bool | torch.Tensor = False, method: str | None = None, workspace: dict | None = None) -> torch.Tensor:
+    def filter(
+        self,
+        values: torch.Tensor,
+        *,
+        alpha_last: bool | torch.Tensor = False,
+        method: str | None = None,
+        workspace: dict | None = None,
+    ) -> torch.Tensor:
         """``K values``: splat, blur, slice (see :func:`.filtering.permutohedral_filter`)."""
         return permutohedral_filter(self, values, alpha_last=alpha_last, method=method, workspace=workspace)
 

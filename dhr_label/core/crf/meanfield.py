@@ -30,6 +30,8 @@ from .softmax import SlotLayout, slot_layout, softmax_slots
 
 __all__ = ["BatchCRF", "dense_crf"]
 
+_DEFAULT_PARAMS = CRFParams()  # frozen: safe to share as a default
+
 
 def _f32(value: float) -> float:
     return float(np.float32(value))
@@ -94,7 +96,7 @@ class BatchCRF:
     [(2, 4, 5), (3, 3, 2)]
     """
 
-    def __init__(self, images: Sequence, params: CRFParams = CRFParams(), *, device=None, method: str | None = None):
+    def __init__(self, images: Sequence, params: CRFParams = _DEFAULT_PARAMS, *, device=None, method: str | None = None):
         if len(images) == 0:
             raise ValueError("expected at least one image, found an empty batch")
         checked = [_check_image(image, b) for b, image in enumerate(images)]
@@ -161,7 +163,9 @@ class BatchCRF:
             if not isinstance(p, torch.Tensor):
                 raise TypeError(f"probs[{b}]: expected a torch.Tensor, found {type(p).__name__}")
             if p.ndim != 3 or tuple(p.shape[1:]) != (h, w) or p.shape[0] < 1:
-                raise ValueError(f"probs[{b}]: expected C x {h} x {w} with C >= 1 (image {b} is {h} x {w}), found {tuple(p.shape)}")
+                raise ValueError(
+                    f"probs[{b}]: expected C x {h} x {w} with C >= 1 (image {b} is {h} x {w}), found {tuple(p.shape)}"
+                )
             if not p.is_floating_point():
                 raise ValueError(f"probs[{b}]: expected a floating dtype, found {p.dtype}")
             p = p.to(device=self.device, dtype=torch.float32).reshape(p.shape[0], h * w)
@@ -247,7 +251,7 @@ def mean_field(
     return q
 
 
-def dense_crf(images: torch.Tensor, probs: torch.Tensor, params: CRFParams = CRFParams()) -> torch.Tensor:
+def dense_crf(images: torch.Tensor, probs: torch.Tensor, params: CRFParams = _DEFAULT_PARAMS) -> torch.Tensor:
     """DenseCRF marginals of a batch of same-size images: a drop-in CRF post-processing step.
 
     The CRF of IRN / CLIP-ES / ToCo-style pipelines (``pydensecrf`` with a Gaussian and a
@@ -280,7 +284,8 @@ def dense_crf(images: torch.Tensor, probs: torch.Tensor, params: CRFParams = CRF
         raise ValueError(f"images: expected B x H x W x 3 uint8, found {tuple(images.shape)} {images.dtype}")
     if probs.ndim != 4 or probs.shape[0] != images.shape[0] or probs.shape[2:] != images.shape[1:3]:
         raise ValueError(
-            f"probs: expected {images.shape[0]} x C x {images.shape[1]} x {images.shape[2]} (the images'), found {tuple(probs.shape)}"
+            f"probs: expected {images.shape[0]} x C x {images.shape[1]} x {images.shape[2]} (the images'), "
+            f"found {tuple(probs.shape)}"
         )
     if images.device != probs.device:
         raise ValueError(f"images and probs must be on one device, found {images.device} and {probs.device}")

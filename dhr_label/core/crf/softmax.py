@@ -21,7 +21,7 @@ Eigen's additions for its own label count, plus additions of exact zeros (:class
 from __future__ import annotations
 
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import cache
 
 import numpy as np
 import torch
@@ -38,7 +38,9 @@ def _f32(value: float) -> float:
 _EXP_HI, _EXP_LO = _f32(88.3762626647950), _f32(-88.3762626647949)
 _LOG2EF = _f32(1.44269504088896341)
 _C1, _C2 = _f32(0.693359375), _f32(-2.12194440e-4)
-_P = tuple(_f32(p) for p in (1.9875691500e-4, 1.3981999507e-3, 8.3334519073e-3, 4.1665795894e-2, 1.6666665459e-1, 5.0000001201e-1))
+_P = tuple(
+    _f32(p) for p in (1.9875691500e-4, 1.3981999507e-3, 8.3334519073e-3, 4.1665795894e-2, 1.6666665459e-1, 5.0000001201e-1)
+)
 
 # glibc 2.28+ sysdeps/ieee754/flt-32/e_expf.c with e_exp2f_data.c (N = 32, poly order 3).
 _EXP2F_TAB = (
@@ -60,7 +62,7 @@ _Q2 = float.fromhex("0x1.62e42ff0c52d6p-1") / 32
 _UNDERFLOW = float.fromhex("-0x1.9fe368p6")  # below log(2^-150): expf returns +0
 
 
-@lru_cache(maxsize=None)
+@cache
 def _exp2_table(device: torch.device) -> torch.Tensor:
     """``2^(i/32)``, i < 32, on ``device`` (a constant, copied there once, not per call)."""
     return torch.as_tensor(_EXP2_I32, device=device)
@@ -190,7 +192,10 @@ def _packet_sum(e: torch.Tensor, layout: SlotLayout) -> torch.Tensor:
     """Eigen's redux over the packet slots: [P, n_packet] -> [P] (zeros when none)."""
     if layout.n_packet == 0:
         return torch.zeros(e.shape[0], dtype=e.dtype, device=e.device)
-    group = lambda g: e[:, 4 * g : 4 * g + 4]  # noqa: E731
+
+    def group(g: int) -> torch.Tensor:
+        return e[:, 4 * g : 4 * g + 4]
+
     acc = None
     if layout.pairs:
         even, odd = group(0), group(layout.pairs)

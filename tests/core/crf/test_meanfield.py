@@ -64,9 +64,8 @@ def _pydensecrf(image, unary, iterations=PARAMS.iterations):
     c, h, w = unary.shape
     model = dcrf.DenseCRF2D(w, h, c)
     model.addPairwiseGaussian(sxy=PARAMS.gauss_sxy, compat=PARAMS.gauss_compat)
-    model.addPairwiseBilateral(
-        sxy=PARAMS.bilateral_sxy, srgb=PARAMS.bilateral_srgb, rgbim=np.ascontiguousarray(image.cpu().numpy()), compat=PARAMS.bilateral_compat
-    )
+    rgb = np.ascontiguousarray(image.cpu().numpy())
+    model.addPairwiseBilateral(sxy=PARAMS.bilateral_sxy, srgb=PARAMS.bilateral_srgb, rgbim=rgb, compat=PARAMS.bilateral_compat)
     model.setUnaryEnergy(np.ascontiguousarray(unary.reshape(c, -1).numpy()))
     return np.asarray(model.inference(iterations), dtype=np.float32).reshape(c, h, w)
 
