@@ -160,6 +160,30 @@ class _ContractFile:
     def __contains__(self, image_id: str) -> bool:
         return image_id in self._h5
 
+    def summary(self) -> dict:
+        """Path, size, ``format``, ``version`` and group count of the file (no dataset read)."""
+        fmt = self._h5.attrs.get("format")
+        return {"path": str(self.path), "bytes": self.path.stat().st_size,
+                "format": fmt.decode() if isinstance(fmt, bytes) else fmt, "version": self.version,
+                "groups": len(self._h5)}
+
+    def layout(self, image_id: str) -> list[tuple[str, tuple[int, ...], str, str]]:
+        """``(name, shape, dtype, compression)`` of every dataset in one image's group, layers of
+        a group as ``wss/C4``; no data is read. Empty when the group is absent or not a group."""
+        found: list[tuple[str, tuple[int, ...], str, str]] = []
+
+        def visit(node, prefix: str) -> None:
+            for name, child in node.items():
+                if isinstance(child, h5py.Group):
+                    visit(child, f"{prefix}{name}/")
+                else:
+                    found.append((f"{prefix}{name}", tuple(child.shape), str(child.dtype), child.compression or "none"))
+
+        group = self._h5.get(image_id)
+        if isinstance(group, h5py.Group):
+            visit(group, "")
+        return found
+
     def _group(self, image_id: str) -> h5py.Group:
         source = str(self.path)
         try:

@@ -8,14 +8,11 @@ reads dataset metadata only, besides the arrays the checks load one image at a t
 """
 from __future__ import annotations
 
-import os
 from collections import Counter
 from collections.abc import Callable
-from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import h5py
 import numpy as np
 
 from ..errors import InputError
@@ -119,25 +116,21 @@ def inspect_inputs(
             preset = preset_from_classes(cf.classes, cf.background)
         ff = FeatsFile.open(feats, combined=same) if feats is not None else None
         try:
-            metadata_feats = h5py.File(feats, "r") if ff is not None and not same else nullcontext()
-            with h5py.File(cams, "r") as cm, metadata_feats as fm:
-                files = [_file_entry(cams, cm)] + ([_file_entry(feats, fm)] if fm is not None else [])
-                report = InspectReport(files, preset, cf.ignore_index,
-                                       tagged_images=np.zeros(preset.num_classes, dtype=np.int64))
-                ids = cf.ids()
-                if on_total is not None:
-                    on_total(len(ids))
-                if ff is not None and not same:
-                    for image_id in sorted(set(ff.ids()) - set(ids)):
-                        report.findings.append(Finding("error", image_id, str(cams),
-                                                       f"no group /{image_id} (it is in {feats})"))
-                for image_id in ids:
-                    _metadata(report, cm.get(image_id), "")
-                    if fm is not None:
-                        _metadata(report, fm.get(image_id), "")
-                    _one_image(report, image_id, cf, ff, features, images_dir, base_dir)
-                    if on_image is not None:
-                        on_image(1)
+            metadata = [cf] + ([ff] if ff is not None and not same else [])
+            report = InspectReport([f.summary() for f in metadata], preset, cf.ignore_index,
+                                   tagged_images=np.zeros(preset.num_classes, dtype=np.int64))
+            ids = cf.ids()
+            if on_total is not None:
+                on_total(len(ids))
+            if ff is not None and not same:
+                for image_id in sorted(set(ff.ids()) - set(ids)):
+                    report.findings.append(Finding("error", image_id, str(cams), f"no group /{image_id} (it is in {feats})"))
+            for image_id in ids:
+                for handle in metadata:
+                    _metadata(report, handle.layout(image_id))
+                _one_image(report, image_id, cf, ff, features, images_dir, base_dir)
+                if on_image is not None:
+                    on_image(1)
         finally:
             if ff is not None:
                 ff.close()
@@ -162,28 +155,13 @@ def _one_image(report: InspectReport, image_id, cf, ff, features: bool, images_d
         report.base_histogram += np.bincount(inputs.base.ravel(), minlength=256)
 
 
-def _metadata(report: InspectReport, node, prefix: str) -> None:
-    """Record shape, dtype and compression of every dataset under ``node`` (no data read)."""
-    if not isinstance(node, h5py.Group):
-        return
-    for name, child in node.items():
-        key = f"{prefix}{name}"
-        if isinstance(child, h5py.Group):
-            _metadata(report, child, f"{key}/")
-            continue
-        shape = " x ".join(map(str, child.shape))
-        if key == "cam" and child.ndim == 3:  # K varies per image: the grid is what matters
-            shape = "K x " + " x ".join(map(str, child.shape[1:]))
+def _metadata(report: InspectReport, layout) -> None:
+    """Record shape, dtype and compression of every dataset of one group (no data read)."""
+    for key, shape, dtype, compression in layout:
+        text = " x ".join(map(str, shape))
+        if key == "cam" and len(shape) == 3:  # K varies per image: the grid is what matters
+            text = "K x " + " x ".join(map(str, shape[1:]))
         elif key == "labels":
-            shape = "K"
-        report.datasets.setdefault(key, Counter())[f"{shape} {child.dtype}"] += 1
-        report.compression.setdefault(key, Counter())[child.compression or "none"] += 1
-
-
-def _file_entry(path: Path, handle: h5py.File) -> dict:
-    version = handle.attrs.get("version")
-    fmt = handle.attrs.get("format")
-    return {"path": str(path), "bytes": os.path.getsize(path),
-            "format": fmt.decode() if isinstance(fmt, bytes) else fmt,
-            "version": version.item() if hasattr(version, "item") else version,
-            "groups": len(handle)}
+            text = "K"
+        report.datasets.setdefault(key, Counter())[f"{text} {dtype}"] += 1
+        report.compression.setdefault(key, Counter())[compression] += 1

@@ -24,7 +24,6 @@ from helpers_h5 import (
     make_records,
     masks_in,
     pixels_in,
-    read_json,
     refine_args,
     run_refine,
     temporaries,

@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import time
 
 import numpy as np
 import pytest
@@ -198,13 +197,11 @@ def _count_reads(monkeypatch) -> list[str]:
     return seen
 
 
-def test_listing_100k_ids_is_fast_and_lazy(many, monkeypatch):
+def test_listing_100k_ids_reads_no_dataset(many, monkeypatch):
     path, ids = many
     reads = _count_reads(monkeypatch)
-    start = time.perf_counter()
     with CamsFile.open(path, combined=True) as cams:
         listed = cams.ids()
-    assert time.perf_counter() - start < 10.0
     assert listed == ids and len(listed) == N_MANY
     assert reads == []
 
@@ -218,10 +215,8 @@ def test_refine_limit_1_on_100k_ids_reads_one_image(many, monkeypatch, tmp_path)
 
     from dhr_label.cli import app
 
-    start = time.perf_counter()
     result = CliRunner().invoke(app, ["refine", *cli, "--limit", "1"])
     assert result.exit_code == 0, result.stderr
-    assert time.perf_counter() - start < 30.0
     assert reads == [ids[0]]
     assert sorted(masks_in(out)) == [ids[0]]
 

@@ -157,7 +157,7 @@ def test_ids_file_restricts_the_images(tmp_path):
 
 
 def test_pred_defaults_to_refines_output_directory(tmp_path, monkeypatch):
-    gt = write(tmp_path / "gt", {"a": GT})
+    write(tmp_path / "gt", {"a": GT})
     write(tmp_path / "masks", {"a": DEGRADED})
     monkeypatch.chdir(tmp_path)
     report = as_json(score("--gt", "gt", "--json"))
