@@ -71,7 +71,8 @@ repeat=$([ "$QUICK" = 1 ] && echo 2 || echo 50)
 $PY benchmarks/subset.py "$DATA" /tmp/dhr-big --images 40 --repeat "$repeat" 2>> "$OUT/steps.log"
 workers=$($PY -c "import os; print(max(1, len(os.sched_getaffinity(0)) - 1))")
 step e2e_device 240 $PY -m dhr_label refine --cams /tmp/dhr-big/cams.h5 --feats /tmp/dhr-big/feats.h5 --classes camvid \
-    --out /tmp/dhr-e2e-device --device "$DEVICE" --crf-backend torch -j "$workers" --overwrite --json
+    --out /tmp/dhr-e2e-device --device "$DEVICE" --crf-backend torch -j "$workers" --overwrite --json \
+    $([ "$DEVICE" = cuda ] && echo --batch-pixels 16777216)  # ~100 images a batch (~25 GB): an H200 holds it
 step e2e_cpu 240 $PY -m dhr_label refine --cams "$DATA/cams.h5" --feats "$DATA/feats.h5" --classes camvid \
     --out /tmp/dhr-e2e-cpu -j "$workers" --overwrite --json
 step score_device 60 $PY -m dhr_label score --pred /tmp/dhr-e2e-device --gt "$DATA/gt" --classes camvid --json

@@ -31,9 +31,11 @@ from ..outcomes import ImageResult, capped_notes, failure
 from ..parallel import chunked, map_ordered
 from .cpu import RefineJob, read_chunk
 
-#: Default pixels per device batch (the sum of H x W): ~100 CamVid-sized images, ~10 GB at the
-#: peak of the torch CRF with 21 labels; an out-of-memory batch is halved, so smaller GPUs work.
-BATCH_PIXELS = 1 << 24
+#: Default pixels per device batch (the sum of H x W): 4.2 M, ~24 CamVid-sized images. The torch
+#: CRF needs ~1.5 KB a pixel at its peak (lattices, 11 labels; measured on the CPU: a 16.7 M-pixel
+#: batch took 23 GB), so ~7 GB here; raise it on a large GPU (--batch-pixels), an out-of-memory
+#: batch is halved anyway.
+BATCH_PIXELS = 1 << 22
 MAX_BATCH_IMAGES = 128
 WRITERS = 4
 
