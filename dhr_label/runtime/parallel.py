@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+import platform
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from typing import TypeVar
@@ -17,6 +18,7 @@ from typing import TypeVar
 from threadpoolctl import threadpool_limits
 
 from ..errors import DHRLabelError
+from .signals import become_worker
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -116,7 +118,7 @@ def map_chunks(
             yield from _deliver(((chunk, function(chunk)) for chunk in chunks), on_done)
         return
     with parallel_config(backend="loky", inner_max_num_threads=1):
-        yield from _deliver(Parallel(n_jobs=workers, return_as="generator_unordered")(tasks), on_done)
+        yield from _deliver(Parallel(n_jobs=workers, return_as="generator_unordered", **_watched())(tasks), on_done)
 
 
 def map_ordered(function: Callable[[list[T]], R], chunks: Sequence[list[T]], *, workers: int, ahead: int) -> Iterator[R]:
@@ -133,13 +135,23 @@ def map_ordered(function: Callable[[list[T]], R], chunks: Sequence[list[T]], *, 
             yield from (function(chunk) for chunk in chunks)
         return
     with parallel_config(backend="loky", inner_max_num_threads=1):
-        results = Parallel(n_jobs=workers, return_as="generator", pre_dispatch=max(workers, ahead))(
+        results = Parallel(n_jobs=workers, return_as="generator", pre_dispatch=max(workers, ahead), **_watched())(
             delayed(function)(chunk) for chunk in chunks
         )
         try:
             yield from results
         finally:
             _close(results)
+
+
+def _watched() -> dict:
+    """Options for a loky pool whose workers watch this process from the moment they start.
+
+    A worker started here exits when this process dies, even one that never received a task
+    (on a fast machine the first worker can take every early task while the second is still
+    importing; loky would keep that one waiting for work for its idle timeout, 300 s).
+    """
+    return {"initializer": become_worker, "initargs": (os.getpid(), platform.node())}
 
 
 def _deliver(results, on_done):
