@@ -21,11 +21,11 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from dhr_label.metrics.report import summary
 from dhr_label.params import CRFBackend, CRFParams, DHRParams
 from dhr_label.presets import resolve_preset
 from dhr_label.runtime.refine import RefineRequest, run_refine
 from dhr_label.runtime.score import ground_truth, match, score_pairs
-from dhr_label.metrics.report import summary
 
 
 def scores(pred: Path, gt: Path, preset) -> dict:

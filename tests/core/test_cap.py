@@ -4,14 +4,7 @@ import warnings
 import numpy as np
 import pytest
 
-from dhr_label.core.cap import (
-    cell_index,
-    class_cell_fractions,
-    class_centroids,
-    cosine_maps,
-    heat_maps,
-    minmax_rows,
-)
+from dhr_label.core.cap import cell_index, class_cell_fractions, class_centroids, cosine_maps, heat_maps, minmax_rows
 from dhr_label.params import CapMode
 
 # 4 x 4 mask over a 2 x 2 grid (2 x 2 pixels a cell); 255 = ignore.

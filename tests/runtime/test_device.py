@@ -12,11 +12,11 @@ from PIL import Image
 
 torch = pytest.importorskip("torch")
 
+from dhr_label.core import batched as batched_module  # noqa: E402
 from dhr_label.io.contract import CamsFile  # noqa: E402
 from dhr_label.params import CRFBackend, CRFParams, DHRParams, Steps  # noqa: E402
 from dhr_label.presets import preset_from_classes  # noqa: E402
 from dhr_label.runtime.outcomes import DONE, FAILED, MaskTarget  # noqa: E402
-from dhr_label.core import batched as batched_module  # noqa: E402
 from dhr_label.runtime.refine.cpu import RefineJob, run_images  # noqa: E402
 from dhr_label.runtime.refine.device import run_images_on_device  # noqa: E402
 
