@@ -8,6 +8,8 @@ The command line is ``dhr-label``; in Python:
 - :func:`dense_crf` — the batched torch DenseCRF alone, a GPU drop-in for the CRF
   post-processing of IRN / CLIP-ES / ToCo pipelines;
 - :class:`DHRParams` and its parts — every parameter, with the defaults of docs/algorithm.md;
+- :class:`Prototypes` — dataset-level class prototypes for Steps 2-3 (ours), pooled with
+  :mod:`dhr_label.core.prototypes` (``image_sums``, ``add_sums``, ``finish``);
 - :class:`Writer` — write cams.h5 / feats.h5 from your own extractor.
 
 The torch-based entries are imported on first use, so the numpy path never pays for torch.
@@ -17,6 +19,7 @@ from __future__ import annotations
 __version__ = "0.2.0"
 
 from .core.dhr import refine  # noqa: E402
+from .core.prototypes import Prototypes  # noqa: E402
 from .io.writer import Writer  # noqa: E402
 from .params import CapMode, CRFBackend, CRFParams, DHRParams, Marginal, OTParams, Steps  # noqa: E402
 
@@ -34,4 +37,4 @@ def __getattr__(name: str):
 
 
 __all__ = ["__version__", "BatchCRF", "CapMode", "CRFBackend", "CRFParams", "DHRParams", "Marginal", "OTParams",
-           "Steps", "Writer", "dense_crf", "refine", "refine_batch"]
+           "Prototypes", "Steps", "Writer", "dense_crf", "refine", "refine_batch"]

@@ -141,6 +141,14 @@ class DHRParams:
     # Ours: pixels whose final DenseCRF marginal maximum is below this get the ignore label
     # (255), as WSSS pipelines blank uncertain pixels; 0 = off (every pixel gets a class).
     ignore_below: float = 0.0
+    # Ours (docs/algorithm.md, "Class prototypes"): the Step 2/3 CAP centroids blended with
+    # dataset-level class prototypes, (1 - w) * image centroid + w * prototype (unit vectors),
+    # in rows 5 and 7; 0 = the paper's per-image centroids. refine pools the prototypes from
+    # the base masks of every image of the cams file (or reads them from --prototypes).
+    prototype_weight: float = 0.0
+    # Ours: in full DHR (USS and WSS on), Step 2's heat maps become (1 - w) * S_us + w * S_ws,
+    # min-max again, before the Step-3 groups; 0 = the paper (WSS only inside the groups).
+    wss_heat_weight: float = 0.0
 
     def __post_init__(self) -> None:
         _coerce_enums(self)
@@ -168,10 +176,20 @@ class DHRParams:
             problems.append(f"guard max share must be in (0, 1], got {self.guard_max_share}")
         if not 0.0 <= self.ignore_below <= 1.0:
             problems.append(f"ignore-below must be in [0, 1], got {self.ignore_below}")
+        if not 0.0 <= self.prototype_weight <= 1.0:
+            problems.append(f"prototype weight must be in [0, 1], got {self.prototype_weight}")
+        if not 0.0 <= self.wss_heat_weight <= 1.0:
+            problems.append(f"WSS heat weight must be in [0, 1], got {self.wss_heat_weight}")
         if self.crf.iterations < 0:
             problems.append(f"CRF iterations must be >= 0, got {self.crf.iterations}")
         if problems:
             raise ValueError("; ".join(problems))
+
+    @property
+    def uses_prototypes(self) -> bool:
+        """Whether Steps 2-3 blend class prototypes into their centroids (rows 5 and 7 with a
+        ``prototype_weight``; the prototypes are pooled on the USS grid)."""
+        return self.steps.needs_uss and self.prototype_weight > 0
 
     def to_dict(self) -> dict:
         """JSON-ready view (enums as their values), for manifests."""

@@ -162,6 +162,9 @@ def refine_command(
     crf_bi_compat: Annotated[Optional[float], typer.Option("--crf-bi-compat", help=f"Bilateral kernel weight [default: {_D.crf.bilateral_compat}].", show_default=False)] = None,
     guard: Annotated[Optional[float], typer.Option("--guard", help=f"Ours, not the paper's: after Step 3, give a class back its M_init region when it kept less than this fraction of it; 0 = off [default: {_D.guard}].", show_default=False)] = None,
     guard_max_share: Annotated[Optional[float], typer.Option("--guard-max-share", help=f"Guard only classes covering less than this share of M_init [default: {_D.guard_max_share}].", show_default=False)] = None,
+    prototype_weight: Annotated[Optional[float], typer.Option("--prototype-weight", help=f"Ours: blend dataset-level class prototypes into the Step 2/3 centroids with this weight (rows 5 and 7); they are pooled from the base masks of every image of the cams file before the run (no CRF) and saved in OUT, or read from --prototypes; 0 = the paper's per-image centroids (docs/algorithm.md) [default: {_D.prototype_weight}].", show_default=False)] = None,
+    prototypes_file: Annotated[Optional[Path], typer.Option("--prototypes", metavar="<file>", help="Class prototypes to use instead of pooling them: the dhr-label-prototypes.npz of an earlier run (another shard, a train split).", exists=True, dir_okay=False)] = None,
+    wss_heat_weight: Annotated[Optional[float], typer.Option("--wss-heat-weight", help=f"Ours: in full DHR, Step 2's heat maps become (1 - w) USS + w WSS maps; 0 = the paper (WSS maps only inside Step-3 groups) [default: {_D.wss_heat_weight}].", show_default=False)] = None,
     ignore_below: Annotated[Optional[float], typer.Option("--ignore-below", help=f"Ours: label 255 (ignore) where the final DenseCRF's maximum marginal is below P (trainers skip 255); 0 = off [default: {_D.ignore_below}].", show_default=False)] = None,
 ) -> None:
     """Refine the pseudo-masks of every image with DHR and write <out>/<id>.png.
@@ -200,7 +203,7 @@ def refine_command(
             "crf.gauss_sxy": crf_gauss_sxy, "crf.gauss_compat": crf_gauss_compat,
             "crf.bilateral_sxy": crf_bi_sxy, "crf.bilateral_srgb": crf_bi_srgb,
             "crf.bilateral_compat": crf_bi_compat, "guard": guard, "guard_max_share": guard_max_share,
-            "ignore_below": ignore_below,
+            "ignore_below": ignore_below, "prototype_weight": prototype_weight, "wss_heat_weight": wss_heat_weight,
         },
     )
     if params.steps.needs_features and feats is None:
@@ -209,7 +212,7 @@ def refine_command(
         cams=cams, feats=feats, out=out, params=params, preset=preset, images=images, base=base, ids_file=ids,
         limit=limit, shard=the_shard, overwrite=overwrite, allow_mixed=allow_mixed, strict=strict, workers=workers,
         device=the_device, backend=backend.value, scheduler=scheduler, batch_pixels=batch_pixels,
-        command=tuple(sys.argv[1:]),
+        prototypes=prototypes_file, command=tuple(sys.argv[1:]),
     )
     with progress_bar("refine", None) as advance:
 
@@ -229,6 +232,11 @@ def _summary(report: RefineReport, json_out: bool) -> None:
     """The one-screen end-of-run summary (stderr), and with --json one document (stdout)."""
     counts, seconds = report.counts, report.seconds
     rate = (counts["done"] + counts["failed"]) / seconds if seconds > 0 else 0.0
+    p = report.prototypes
+    if p is not None and p.prototypes is not None:
+        how = {"pooled": f"pooled from the base masks of {p.images} images ({p.skipped} without one) in {p.seconds:.1f} s",
+               "reused": "read from this directory (pooled by an earlier run)", "file": "read from --prototypes"}[p.source]
+        err_console.print(f"class prototypes: {how} -> {escape(str(p.file))}", highlight=False, soft_wrap=True)
     for warning in report.warnings:
         err_console.print(f"warning: {escape(warning)}", style="yellow", soft_wrap=True)
     if json_out:

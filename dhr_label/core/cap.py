@@ -126,7 +126,7 @@ def minmax_rows(maps, clip: float = OTParams.minmax_clip):
     return minmax(maps, -1, clip)
 
 
-def heat_maps(features, weights, *, clip: float = OTParams.minmax_clip, cells=None):
+def heat_maps(features, weights, *, clip: float = OTParams.minmax_clip, cells=None, prototypes=None, weight: float = 0.0):
     """CAP centroids and min-max normalised cosine heat maps of one feature map (or a batch).
 
     Parameters
@@ -136,13 +136,54 @@ def heat_maps(features, weights, *, clip: float = OTParams.minmax_clip, cells=No
         From :func:`class_cell_fractions` on the same grid.
     cells : bool array, shape (..., 1, N), optional
         The valid cells of each image of a padded batch.
+    prototypes : array, shape (..., G, D), optional
+        Class prototypes blended into the centroids with ``weight``
+        (:func:`blend_centroids`); without them, or with ``weight`` 0, the
+        centroids are the image's own (the paper).
 
     Returns
     -------
     maps : array, shape (..., G, N), in [0, 1]
-        Zero for a class without any weight (no centroid).
+        Zero for a class without any weight (no centroid) and no prototype.
     centroids : array, shape (..., G, D)
     """
     centroids, present = class_centroids(features, weights)
+    if prototypes is not None and weight > 0:
+        centroids = blend_centroids(centroids, present, prototypes, weight)
+        present = total(centroids * centroids, -1)[..., 0] > 0
     maps = minmax(cosine_maps(features, centroids), -1, clip, valid=cells)
     return where(present[..., None], maps, 0.0), centroids
+
+
+def blend_centroids(local, present, prototypes, weight: float):
+    """``(1 - weight) * l2(local) + weight * l2(prototype)`` per class (numpy or torch): the
+    image's CAP centroids blended with dataset-level class prototypes (:mod:`~.prototypes`).
+
+    Parameters
+    ----------
+    local : array, shape (..., G, D)
+        The image's CAP centroids (:func:`~.cap.class_centroids`).
+    present : bool array, shape (..., G)
+        Whether a class had CAP weight in the image; one without takes its prototype alone.
+    prototypes : array, shape (..., G, D)
+        The prototypes of the same classes; a zero row (class never seen) keeps the local one.
+    weight : float in [0, 1]
+
+    Returns
+    -------
+    array, shape (..., G, D)
+        Directions only matter (heat maps are cosines); a class with neither stays zero.
+
+    Examples
+    --------
+    >>> local = np.array([[2.0, 0.0], [0.0, 0.0]])
+    >>> proto = np.array([[0.0, 1.0], [0.0, 3.0]])
+    >>> blend_centroids(local, np.array([True, False]), proto, 0.25).tolist()
+    [[0.75, 0.25], [0.0, 1.0]]
+    """
+    unit_local = l2_normalise(local, -1)
+    unit_proto = l2_normalise(prototypes, -1)
+    has_proto = total(prototypes * prototypes, -1)[..., 0] > 0
+    mixed = (1.0 - weight) * unit_local + weight * unit_proto
+    own = where(present[..., None], unit_local, unit_proto)
+    return where((present & has_proto)[..., None], mixed, own)

@@ -22,12 +22,15 @@ from .pipeline import (
     advance,
     feature_grid,
     guard_vanished,
+    mixes_wss,
     needs_wss_maps,
+    prototype_rows,
     rebalance_transports,
     seed_transport,
     start,
     wss_groups,
 )
+from .prototypes import Prototypes
 from .resize import resize_bilinear
 
 __all__ = ["IGNORE", "refine", "rebalance", "seed_scores", "seed_mask", "integrate", "rebalance_heat", "final_mask"]
@@ -115,12 +118,21 @@ def integrate(seed: np.ndarray, base: np.ndarray | None, labels: np.ndarray, rho
 # --------------------------------------------------------------------------------------------
 # Steps 2 and 3: USS and WSS rebalancing (Eqs. 3 and 4)
 # --------------------------------------------------------------------------------------------
-def wss_heat_maps(layers: list[np.ndarray], grid: tuple[int, int], weights: np.ndarray, clip: float) -> np.ndarray:
-    """Step 3.2: per layer, resize to the grid, CAP, cosine, min-max; average; min-max."""
+def wss_heat_maps(
+    layers: list[np.ndarray], grid: tuple[int, int], weights: np.ndarray, clip: float,
+    prototypes: list[np.ndarray] | None = None, weight: float = 0.0,
+) -> np.ndarray:
+    """Step 3.2: per layer, resize to the grid, CAP, cosine, min-max; average; min-max.
+
+    ``prototypes``: one G x D_l array per layer, blended into the layer's centroids with ``weight``.
+    """
+    if prototypes is not None and len(prototypes) != len(layers):
+        raise ValueError(f"{len(layers)} WSS layers but prototypes for {len(prototypes)}")
     total = np.zeros(weights.shape, dtype=np.float32)
-    for layer in layers:
+    for index, layer in enumerate(layers):
         resized = resize_bilinear(layer, grid)
-        maps, _ = heat_maps(resized.reshape(layer.shape[0], -1), weights, clip=clip)
+        proto = None if prototypes is None else prototypes[index]
+        maps, _ = heat_maps(resized.reshape(layer.shape[0], -1), weights, clip=clip, prototypes=proto, weight=weight)
         total += maps
     return minmax_rows(total / len(layers), clip)
 
@@ -133,13 +145,17 @@ def rebalance_heat(state: ImageState, params: DHRParams) -> tuple[np.ndarray, li
     steps, clip = params.steps, params.ot.minmax_clip
     grid = feature_grid(state, params)
     weights = class_cell_fractions(state.init, state.classes, grid, mode=params.cap.value)
+    uss_protos, wss_protos = prototype_rows(state, params)  # ours: blended into the centroids
+    blend = params.prototype_weight
     heat = centroids = None
     if steps.uss:  # Step 2: CAP of the USS features, cosine heat maps
-        heat, centroids = heat_maps(state.uss.reshape(state.uss.shape[0], -1), weights, clip=clip)
+        heat, centroids = heat_maps(state.uss.reshape(state.uss.shape[0], -1), weights, clip=clip, prototypes=uss_protos, weight=blend)
     groups = wss_groups(state, centroids, params)  # Step 3.1
-    s_ws = wss_heat_maps(state.wss, grid, weights, clip) if needs_wss_maps(groups, params) else None
+    s_ws = wss_heat_maps(state.wss, grid, weights, clip, wss_protos, blend) if needs_wss_maps(groups, params) else None
     if heat is None:  # Table 6 row 6: WSS alone
         heat = s_ws
+    elif mixes_wss(params):  # ours: the WSS maps mixed into Step 2's
+        heat = minmax_rows((1.0 - params.wss_heat_weight) * heat + params.wss_heat_weight * s_ws, clip)
     calls, final = rebalance_transports(state, groups, params)
     for call in calls:  # Step 3.3
         heat[call.slots] = heat[call.slots] * transport(s_ws[call.slots], call, params)
@@ -219,6 +235,7 @@ def refine(
     background: int | None,
     params: DHRParams,
     crf: ImageCRF | None = None,
+    prototypes: Prototypes | None = None,
 ) -> ImageState:
     """DHR for one image: Step 1 (seed, integration), Steps 2-3 (rebalancing), as ``params.steps``.
 
@@ -241,6 +258,10 @@ def refine(
     crf : ImageCRF, optional
         The image's CRF, to reuse its lattice across calls (``dhr-label tune``); built here
         when omitted.
+    prototypes : Prototypes, optional
+        Dataset-level class prototypes (:mod:`~.prototypes`), blended into the Step 2/3
+        centroids with ``params.prototype_weight``; without them the centroids are the
+        image's own (the paper).
 
     Returns
     -------
@@ -248,7 +269,7 @@ def refine(
         ``mask`` (H x W uint8), and on the way ``init`` (M_init), ``seed``, ``restored``,
         ``groups``, ``confidence``, ``timings``.
     """
-    state = start(ImageState(cam, np.asarray(labels), image, base, uss, wss, background), params)
+    state = start(ImageState(cam, np.asarray(labels), image, base, uss, wss, background, prototypes), params)
     if state.next is not None and crf is None:
         crf = image_crf(image, params.crf)
     return run_stages(state, params, crf)
@@ -261,13 +282,14 @@ def rebalance(
     wss: list[np.ndarray] | None,
     params: DHRParams,
     crf: ImageCRF | None,
+    prototypes: Prototypes | None = None,
 ) -> ImageState:
     """Steps 2-3 alone, from a given M_init (rows 5-7; argmax instead of the CRF without ``crf``).
 
     The same decisions as :func:`refine` after Step 1: one class or one feature cell keeps
     M_init.
     """
-    state = ImageState(None, np.zeros(0, np.int64), None, None, uss, wss, init=init, next=Stage.SEED_MASK)
+    state = ImageState(None, np.zeros(0, np.int64), None, None, uss, wss, prototypes=prototypes, init=init, next=Stage.SEED_MASK)
     if params.steps.needs_uss and uss is None or params.steps.needs_wss and not wss:
         raise ValueError("Steps 2/3 need USS features (rows 5 and 7) or WSS features (row 6)")
     advance(state, params)

@@ -51,6 +51,7 @@ class ImageState:
     uss: object | None = None  # D x h_u x w_u
     wss: list | None = None  # WSS layers, each D_l x h_l x w_l
     background: int | None = None
+    prototypes: object | None = None  # dataset-level class prototypes (core.prototypes), or None
     next: Stage | None = None  # the stage to run; None when ``mask`` is final
     scores: object | None = None  # SEED_SCORES: K x h x w in [0, 1]
     seed: object | None = None  # SEED_MASK: M_seed
@@ -209,9 +210,31 @@ def wss_groups(state: ImageState, centroids, params: DHRParams) -> list[list[int
 
 
 def needs_wss_maps(groups: list[list[int]], params: DHRParams) -> bool:
-    """Step 3.2 runs only where it is used: a group of 2+ classes, or WSS alone (row 6). Most
-    images have no group, and the WSS maps are the costliest non-CRF work."""
-    return params.steps.wss and (bool(groups) or not params.steps.uss)
+    """Step 3.2 runs only where it is used: a group of 2+ classes, WSS alone (row 6), or WSS
+    maps mixed into Step 2's (``wss_heat_weight``). Most images have no group, and the WSS maps
+    are the costliest non-CRF work."""
+    return params.steps.wss and (bool(groups) or not params.steps.uss or mixes_wss(params))
+
+
+def mixes_wss(params: DHRParams) -> bool:
+    """Whether Step 2's heat maps take in the WSS maps (ours: ``wss_heat_weight``, full DHR)."""
+    return params.steps.uss and params.steps.wss and params.wss_heat_weight > 0
+
+
+def prototype_rows(state: ImageState, params: DHRParams) -> tuple[np.ndarray | None, list | None]:
+    """The prototypes of ``state.classes``: USS (G x D) and per WSS layer, or None where not
+    blended (``params.prototype_weight`` 0, no prototypes, or no USS: they live on its grid)."""
+    if not params.uses_prototypes or state.prototypes is None:
+        return None, None
+    p = state.prototypes
+    dims = [state.uss.shape[0]] + ([layer.shape[0] for layer in state.wss] if p.wss and state.wss else [])
+    have = [p.uss.shape[1]] + [layer.shape[1] for layer in p.wss][: len(dims) - 1]
+    if have != dims or (p.wss and state.wss and len(p.wss) != len(state.wss)):
+        raise ValueError(f"the prototypes have dimensions {[p.uss.shape[1]] + [x.shape[1] for x in p.wss]} (USS, WSS layers), "
+                         f"this image's features {dims}: they were pooled from other features")
+    if p.num_classes <= int(state.classes.max()):
+        raise ValueError(f"the prototypes hold {p.num_classes} classes, this image has class {int(state.classes.max())}")
+    return p.uss[state.classes], ([layer[state.classes] for layer in p.wss] if p.wss else None)
 
 
 def rebalance_transports(state: ImageState, groups: list[list[int]], params: DHRParams) -> tuple[list[Transport], Transport]:

@@ -26,6 +26,7 @@ import numpy as np
 from ..core.crf import image_crf
 from ..core.dhr import STAGES, run_stages
 from ..core.pipeline import ImageState, Stage, advance, start
+from ..core.prototypes import Prototypes
 from ..errors import DHRLabelError, FileLevelError, InputError
 from ..io.atomic import write_bytes_atomic
 from ..io.contract import CamsFile, FeatsFile, check_id
@@ -38,7 +39,9 @@ from ..params import DHRParams, Marginal
 from ..presets import Preset, check_agreement, preset_from_classes
 from .outcomes import DONE, FAILED, ImageResult, failure
 from .parallel import chunked, default_workers, map_chunks
-from .refine.fingerprint import file_identity
+from .prototypes import PoolJob
+from .prototypes import for_run as prototypes_for_run
+from .refine.fingerprint import file_identity, fingerprint_id
 from .signals import become_worker
 
 STATE = "tune.json"
@@ -70,6 +73,7 @@ class TuneJob:
     num_classes: int
     images_dir: Path | None = None
     base_dir: Path | None = None
+    prototypes: Prototypes | None = None  # for variants with a prototype_weight (ours)
     parent: int = field(default_factory=os.getpid)
     host: str = field(default_factory=platform.node)
 
@@ -114,7 +118,8 @@ def _variants(job: TuneJob, image_id: str) -> dict[str, np.ndarray]:
     out = {"confusion": np.zeros((v, c, c + 1), np.int64), "eligible": np.zeros((v, c), bool), "vanished": np.zeros((v, c), bool)}
     seeds: dict[str, tuple[ImageState, object]] = {}
     for index, params in enumerate(job.variants):
-        state = start(ImageState(inputs.cam, inputs.labels, inputs.image, inputs.base, inputs.uss, inputs.wss, job.background), params)
+        state = start(ImageState(inputs.cam, inputs.labels, inputs.image, inputs.base, inputs.uss, inputs.wss, job.background,
+                                 job.prototypes), params)
         if state.next is not None:
             key = step1_key(params)
             if key not in seeds:  # Step 1 once per Step-1 setting (the key holds the CRF's too)
@@ -195,10 +200,16 @@ def run_tune(request: TuneRequest, *, on_start=None, on_result=None) -> TuneRepo
                   preset.background, preset.num_classes, r.images, r.base)
     _prepare(r, job)
     todo = [i for i in ids if not (r.out / "images" / f"{i}.npz").exists()]
+    workers = r.workers or default_workers()
+    if todo and any(v.uses_prototypes for v in r.variants):  # pooled once for every variant (runtime.prototypes)
+        pool_job = PoolJob(r.cams, r.feats, preset.num_classes, wss=any(v.steps.needs_wss for v in r.variants),
+                           images_dir=r.images, base_dir=r.base)
+        key = fingerprint_id({"inputs": _inputs(r, job), "classes": preset.num_classes, "wss": pool_job.wss})
+        job = dataclasses.replace(job, prototypes=prototypes_for_run(pool_job, out=r.out, fingerprint_id=key, given=None,
+                                                                     workers=workers).prototypes)
     if on_start is not None:
         on_start(len(todo), len(ids) - len(todo))
     failures = []
-    workers = r.workers or default_workers()
     results = map_chunks(partial(tune_chunk, job), chunked(todo, workers=workers, max_size=1 if workers <= 1 else 4), workers=workers)
     try:
         for chunk in results:
@@ -238,13 +249,14 @@ def _total(per_fold: list[Tally], num_classes: int) -> Tally:
     return total
 
 
+def _inputs(r: TuneRequest, job: TuneJob) -> dict:
+    return {"cams": file_identity(r.cams), "feats": file_identity(job.feats), "gt": file_identity(r.gt),
+            "images": file_identity(r.images), "base": file_identity(r.base)}
+
+
 def _prepare(r: TuneRequest, job: TuneJob) -> None:
     """Create ``out``; refuse to reuse counts of other settings or inputs unless ``overwrite``."""
-    state = {
-        "format": STATE_FORMAT, "variants": [v.to_dict() for v in r.variants],
-        "inputs": {"cams": file_identity(r.cams), "feats": file_identity(job.feats), "gt": file_identity(r.gt),
-                   "images": file_identity(r.images), "base": file_identity(r.base)},
-    }
+    state = {"format": STATE_FORMAT, "variants": [v.to_dict() for v in r.variants], "inputs": _inputs(r, job)}
     try:
         (r.out / "images").mkdir(parents=True, exist_ok=True)
     except OSError as exc:

@@ -3,6 +3,7 @@ streams (results on stdout, the rest on stderr), checks before work, JSON on fai
 from __future__ import annotations
 
 import json
+import shlex
 import subprocess
 
 import numpy as np
@@ -41,7 +42,10 @@ def test_dash_h_is_help_and_names_no_file_a_user_does_not_have(command):
 
 def test_shell_completion_is_offered():
     assert "--install-completion" in runner.invoke(app, ["--help"]).stdout
-    result = subprocess.run(cli_command() + ["--show-completion", "bash"], capture_output=True, text=True, timeout=60)
+    # From a bash, as a user types it: typer finds the shell among the process's ancestors
+    # (under nohup or a CI runner without one, it would say "Shell not supported").
+    command = " ".join(shlex.quote(part) for part in cli_command() + ["--show-completion"])
+    result = subprocess.run(["bash", "-c", f"{command}; exit $?"], capture_output=True, text=True, timeout=60)  # no exec: bash stays the parent
     assert result.returncode == 0 and "_DHR_LABEL_COMPLETE" in result.stdout
 
 

@@ -20,6 +20,7 @@ from dhr_label.core.batched.stages import cell_fractions  # noqa: E402
 from dhr_label.core.batched.tensors import WORK, length_mask, pad_stack  # noqa: E402
 from dhr_label.core.ot import OTConvergenceWarning  # noqa: E402
 from dhr_label.core.pipeline import ImageState, Transport  # noqa: E402
+from dhr_label.core.prototypes import add_sums, finish, image_sums  # noqa: E402
 from dhr_label.params import CapMode, CRFBackend, CRFParams, DHRParams, Marginal, OTParams, Steps  # noqa: E402
 
 PLAN_ATOL = 1e-7  # plans hold ~1/(N K) ~ 1e-3: float32 (numpy) against float64 rounding
@@ -181,14 +182,14 @@ def scenes(seed=10):
     return out
 
 
-def refine_all(cases, params, device):
+def refine_all(cases, params, device, prototypes=None):
     return refine_batch(
         [torch.as_tensor(c["cam"], device=device) for c in cases], [c["labels"] for c in cases],
         [torch.as_tensor(c["image"], device=device) for c in cases],
         bases=[None if c["base"] is None else torch.as_tensor(c["base"], device=device) for c in cases],
         uss=[torch.as_tensor(c["uss"], device=device) for c in cases],
         wss=[[torch.as_tensor(w, device=device) for w in c["wss"]] for c in cases],
-        background=0, params=params, device=device,
+        background=0, params=params, device=device, prototypes=prototypes,
     )
 
 
@@ -212,6 +213,31 @@ def test_batches_give_the_numpy_cores_masks(device, name):
     if name == "full":
         assert [s.groups for s in states if s.groups] == [[[2, 5]], [[4, 6]]]  # the siblings, where present
         assert all(s.mask.device.type == torch.device(device).type for s in states)
+
+
+def scene_prototypes(cases, num_classes=10):
+    sums = None
+    for c in cases:
+        if c["base"] is not None:
+            sums = add_sums(sums, image_sums(c["base"], c["uss"], c["wss"], num_classes))
+    return finish(sums)
+
+
+@pytest.mark.parametrize("params", [DHRParams(prototype_weight=0.75), DHRParams(prototype_weight=0.75, wss_heat_weight=0.5),
+                                    DHRParams(wss_heat_weight=1.0, tau=0.5)], ids=["prototypes", "prototypes+wss", "wss-mix"])
+def test_batches_blend_prototypes_and_mix_wss_as_the_numpy_core(device, params):
+    cases = scenes(seed=14)
+    prototypes = scene_prototypes(cases)
+    states = refine_all(cases, params, device, prototypes)
+    changed = 0
+    for case, state in zip(cases, states):
+        ref = dhr.refine(**case, background=0, params=params, prototypes=prototypes)
+        np.testing.assert_array_equal(state.mask.cpu().numpy(), ref.mask)
+        assert state.groups == ref.groups
+        np.testing.assert_allclose(state.heat.cpu().numpy(), ref.heat, atol=HEAT_ATOL)
+        plain = dhr.refine(**case, background=0, params=DHRParams())
+        changed += not np.allclose(plain.heat, ref.heat, atol=1e-3)
+    assert changed  # the option reaches the heat maps
 
 
 def test_an_images_mask_does_not_depend_on_its_batch(device):

@@ -70,6 +70,7 @@ def refine_batch(
     background: int | None,
     params: DHRParams = DHRParams(),
     device=None,
+    prototypes=None,
 ) -> list[ImageState]:
     """DHR for a batch of images given as tensors (or arrays); masks on the device.
 
@@ -92,6 +93,9 @@ def refine_batch(
         ``params.crf.backend`` should be ``torch`` on a GPU.
     device : torch.device, optional
         Default: the device of ``cams[0]``.
+    prototypes : Prototypes, optional
+        Dataset-level class prototypes (:mod:`dhr_label.core.prototypes`, numpy), blended
+        into the Step 2/3 centroids with ``params.prototype_weight``.
 
     Returns
     -------
@@ -113,7 +117,7 @@ def refine_batch(
     states = [
         start(ImageState(
             cams[b], _host_labels(labels[b]), images[b], None if bases is None else bases[b],
-            None if uss is None else uss[b], None if wss is None else wss[b], background,
+            None if uss is None else uss[b], None if wss is None else wss[b], background, prototypes,
         ), params)
         for b in range(n)
     ]

@@ -19,7 +19,9 @@ from ..pipeline import (
     ImageState,
     feature_grid,
     guard_vanished,
+    mixes_wss,
     needs_wss_maps,
+    prototype_rows,
     rebalance_transports,
     seed_transport,
     wss_groups,
@@ -134,15 +136,29 @@ def _features(maps: list, grids: list[tuple[int, int]], device) -> torch.Tensor:
     return pad_stack(flat, device)[0]
 
 
-def wss_heat(states, grids, weights, cells, needed, clip: float, device) -> torch.Tensor:
+def _prototypes(rows: list, g_max: int, device) -> torch.Tensor | None:
+    """Per-image prototype rows (G_b x D numpy, or None) padded to ``[B, g_max, D]``; None when
+    no image has any. A missing or padded row is zero: that class keeps its own centroid."""
+    if all(r is None for r in rows):
+        return None
+    d = next(r for r in rows if r is not None).shape[1]
+    padded = pad_stack([np.zeros((0, d), np.float32) if r is None else r for r in rows], device)[0]
+    return F.pad(padded, (0, 0, 0, g_max - padded.shape[1]))
+
+
+def wss_heat(states, grids, weights, cells, needed, clip: float, device, params: DHRParams) -> torch.Tensor:
     """Step 3.2 where ``needed``: per layer, resize to the grid, CAP, cosine, min-max; average;
     min-max. Images not needed get zeros (their WSS maps would not be used)."""
     total = torch.zeros_like(weights)
     chosen = [b for b in range(len(states)) if needed[b]]
+    layer_rows = [prototype_rows(s, params)[1] for s in states]
     for index in range(max(len(states[b].wss) for b in chosen)):
         members = [b for b in chosen if index < len(states[b].wss)]
         features = _features([states[b].wss[index] for b in members], [grids[b] for b in members], device)
-        maps, _ = heat_maps(features, weights[members], clip=clip, cells=cells[members][:, None, :])
+        rows = [None if layer_rows[b] is None else layer_rows[b][index] for b in members]
+        protos = _prototypes(rows, weights.shape[1], device)
+        maps, _ = heat_maps(features, weights[members], clip=clip, cells=cells[members][:, None, :],
+                            prototypes=protos, weight=params.prototype_weight)
         total[members] += maps
     layers = torch.as_tensor([len(s.wss) if needed[b] else 1 for b, s in enumerate(states)], dtype=WORK, device=device)
     return minmax(total / layers[:, None, None], -1, clip, valid=cells[:, None, :])
@@ -156,13 +172,17 @@ def heat_maps_stage(states: list[ImageState], params: DHRParams, device, crf=Non
     heat = centroids = None
     if steps.uss:
         features = _features([s.uss for s in states], grids, device)
-        heat, centroids = heat_maps(features, weights, clip=clip, cells=cells[:, None, :])
+        protos = _prototypes([prototype_rows(s, params)[0] for s in states], weights.shape[1], device)
+        heat, centroids = heat_maps(features, weights, clip=clip, cells=cells[:, None, :], prototypes=protos, weight=params.prototype_weight)
         centroids = centroids.float().cpu().numpy()
     groups = [wss_groups(s, None if centroids is None else centroids[b, : len(s.classes)], params) for b, s in enumerate(states)]
     needed = [needs_wss_maps(g, params) for g in groups]
-    s_ws = wss_heat(states, grids, weights, cells, needed, clip, device) if any(needed) else None
+    s_ws = wss_heat(states, grids, weights, cells, needed, clip, device, params) if any(needed) else None
     if heat is None:  # Table 6 row 6: WSS alone
         heat = s_ws
+    elif mixes_wss(params):  # ours: the WSS maps mixed into Step 2's
+        w = params.wss_heat_weight
+        heat = minmax((1.0 - w) * heat + w * s_ws, -1, clip, valid=cells[:, None, :])
     plans = [rebalance_transports(s, g, params) for s, g in zip(states, groups)]
     cells_of = [h * w for h, w in grids]
     problems = [(b, call) for b, (calls, _) in enumerate(plans) for call in calls]  # Step 3.3

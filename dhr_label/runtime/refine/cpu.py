@@ -17,6 +17,7 @@ from functools import partial
 from pathlib import Path
 
 from ...core.dhr import refine
+from ...core.prototypes import Prototypes
 from ...io.contract import CamsFile, FeatsFile, check_id
 from ...io.inputs import ImageInputs, load_inputs
 from ...params import CRFBackend, DHRParams
@@ -41,6 +42,7 @@ class RefineJob:
     target: MaskTarget
     images_dir: Path | None = None
     base_dir: Path | None = None
+    prototypes: Prototypes | None = None  # dataset-level class prototypes for Steps 2-3 (ours)
     parent: int = field(default_factory=os.getpid)  # the process that drives the run
     host: str = field(default_factory=platform.node)  # and its host
 
@@ -112,7 +114,7 @@ def refine_one(job: RefineJob, image_id: str) -> ImageResult:
             read = time.perf_counter() - start
             state = refine(
                 inputs.cam, inputs.labels, image=inputs.image, base=inputs.base, uss=inputs.uss, wss=inputs.wss,
-                background=job.background, params=job.params,
+                background=job.background, params=job.params, prototypes=job.prototypes,
             )
     except Exception as exc:  # noqa: BLE001 - one bad image must not stop the run
         return failure(image_id, exc, cams=job.cams, seconds=time.perf_counter() - start)

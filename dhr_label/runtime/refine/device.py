@@ -142,7 +142,7 @@ def _solve(items: list[_Item], job: RefineJob, device) -> list[tuple[_Item, Imag
 
 
 def _state(inputs: ImageInputs, job: RefineJob) -> ImageState:
-    return ImageState(inputs.cam, inputs.labels, inputs.image, inputs.base, inputs.uss, inputs.wss, job.background)
+    return ImageState(inputs.cam, inputs.labels, inputs.image, inputs.base, inputs.uss, inputs.wss, job.background, job.prototypes)
 
 
 def _free(device) -> None:

@@ -38,11 +38,13 @@ def file_identity(path: Path | None) -> dict | None:
 
 
 def fingerprint(
-    *, params: DHRParams, preset: Preset, cams: Path, feats: Path | None, images: Path | None, base: Path | None, device: str
+    *, params: DHRParams, preset: Preset, cams: Path, feats: Path | None, images: Path | None, base: Path | None, device: str,
+    prototypes: Path | None = None,
 ) -> dict:
-    """The fingerprint of a refine run (JSON-ready)."""
+    """The fingerprint of a refine run (JSON-ready). ``prototypes``: a prototypes file given
+    instead of pooling them (pooled ones follow from the inputs and are not listed)."""
     torch_crf = params.crf.backend is CRFBackend.torch
-    return {
+    value = {
         "tool": __version__,
         "parameters": params.to_dict(),
         "crf_device": device if torch_crf else "cpu",
@@ -54,6 +56,9 @@ def fingerprint(
             "base": file_identity(base),
         },
     }
+    if params.uses_prototypes and prototypes is not None:
+        value["inputs"]["prototypes"] = file_identity(prototypes)
+    return value
 
 
 def fingerprint_id(value: dict) -> str:

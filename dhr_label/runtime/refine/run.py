@@ -7,6 +7,7 @@ The command line only parses its options into a :class:`RefineRequest`, calls
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -23,6 +24,9 @@ from ..ledger import RunLedger
 from ..outcomes import FAILED, ImageResult, MaskTarget
 from ..outdir import InterruptWatch, mask_stats, output_lock, prepare_output, written_since
 from ..parallel import cluster_threads, dask_client, default_workers
+from ..prototypes import PoolJob, RunPrototypes
+from ..prototypes import for_run as prototypes_for_run
+from ..prototypes import load as load_prototypes
 from ..selection import Shard, select_ids
 from ..signals import exit_code, stop_on_signals
 from .cpu import RefineJob, new_token, run_images
@@ -57,6 +61,7 @@ class RefineRequest:
     backend: str = "loky"
     scheduler: str | None = None
     batch_pixels: int = BATCH_PIXELS
+    prototypes: Path | None = None  # a prototypes file to use instead of pooling (ours)
     command: tuple[str, ...] = ()
 
 
@@ -73,6 +78,7 @@ class RefineReport:
     interrupted: KeyboardInterrupt | None = None
     error: str | None = None  # why the run stopped before its end (a full disk, a dead worker)
     warnings: list[str] = field(default_factory=list)
+    prototypes: RunPrototypes | None = None  # where Steps 2-3's class prototypes came from
 
     @property
     def exit_code(self) -> int:
@@ -110,8 +116,11 @@ def run_refine(
     if unknown:
         shown = ", ".join(unknown[:5]) + (" ..." if len(unknown) > 5 else "")
         raise FileLevelError(f"{len(unknown)} id(s) of {r.ids_file} are not in {r.cams}: {shown}")
+    if params.uses_prototypes and r.prototypes is not None:  # a bad file stops the run before any image
+        load_prototypes(r.prototypes, num_classes=len(preset.classes), wss=params.steps.needs_wss)
     device = "cuda" if r.device.startswith("cuda") else "cpu"
-    fp = fingerprint(params=params, preset=preset, cams=r.cams, feats=r.feats, images=r.images, base=r.base, device=device)
+    fp = fingerprint(params=params, preset=preset, cams=r.cams, feats=r.feats, images=r.images, base=r.base, device=device,
+                     prototypes=r.prototypes)
     fid = fingerprint_id(fp)
     prepare_output(r.out)
     target = MaskTarget(r.out, preset.palette, new_token(), fid)
@@ -126,13 +135,18 @@ def run_refine(
         manifest = _manifest(path, fp, fid, preset, params, r.shard)
         record = _about(r, fid, foreign_left)
         _write(path, manifest, ledger.record_dict(status="running", **record))
-        interrupted, error = None, None
+        interrupted, error, protos = None, None, None
         try:
-            with stop_on_signals(), InterruptWatch() as watch, _engine(r, job) as (run, workers):
-                record["engine"]["workers"] = workers
-                if on_start is not None:
-                    on_start(len(todo), ledger.skipped)
-                error = _drive(run(todo), ledger, watch, strict=r.strict, on_result=on_result)
+            with stop_on_signals(), InterruptWatch() as watch:
+                if params.uses_prototypes and todo:
+                    protos = _prototypes(r, preset, fid)
+                    record["prototypes"] = protos.record()
+                    job = dataclasses.replace(job, prototypes=protos.prototypes)
+                with _engine(r, job) as (run, workers):
+                    record["engine"]["workers"] = workers
+                    if on_start is not None:
+                        on_start(len(todo), ledger.skipped)
+                    error = _drive(run(todo), ledger, watch, strict=r.strict, on_result=on_result)
         except KeyboardInterrupt as exc:  # Ctrl-C, SIGTERM, SIGHUP
             interrupted = exc
         except DHRLabelError as exc:
@@ -150,8 +164,19 @@ def run_refine(
             error, written = f"{error}; {exc}" if error else str(exc), None
     warnings = [f"{foreign_left} mask(s) in {r.out} were made with other settings and stay: the directory is mixed "
                 "(the manifest records it)"] if foreign_left else []
+    if protos is not None and protos.prototypes is None:
+        warnings.append(f"--prototype-weight {params.prototype_weight}: no image of {r.cams} has a base mask to pool class "
+                        "prototypes from, so Steps 2-3 used each image's own centroids (the paper's); give --prototypes FILE "
+                        "or --prototype-weight 0 to say so")
     return RefineReport(r.out, written, ledger.counts(), ledger.seconds, sorted(ledger.failures, key=lambda f: f["id"]),
-                        len(ledger.notes), interrupted, error, warnings)
+                        len(ledger.notes), interrupted, error, warnings, protos)
+
+
+def _prototypes(r: RefineRequest, preset: Preset, fid: str) -> RunPrototypes:
+    """Steps 2-3's class prototypes for this run (runtime.prototypes): from ``--prototypes``,
+    this directory's file of an earlier run with these settings, or pooled now."""
+    job = PoolJob(r.cams, r.feats, len(preset.classes), wss=r.params.steps.needs_wss, images_dir=r.images, base_dir=r.base)
+    return prototypes_for_run(job, out=r.out, fingerprint_id=fid, given=r.prototypes, workers=r.workers or default_workers())
 
 
 def _drive(results, ledger: RunLedger, watch: InterruptWatch, *, strict: bool, on_result) -> str | None:

@@ -1,0 +1,161 @@
+"""The class prototypes of a run (ours; :mod:`dhr_label.core.prototypes`, docs/algorithm.md).
+
+Pooled before the run from the base masks of every image of the cams file: the base masks are
+inputs, so the pass needs no Step 1 and no CRF, only one read of each image's features. Every
+id counts, not only those a run selects, so a mask does not depend on ``--ids``, ``--limit``
+or ``--shard``. The ids go to the workers in chunks of a fixed size and the chunk sums are
+added in the ids' order, so the float sums, and the masks, do not depend on the worker count.
+The result is saved in the output directory beside the masks (``dhr-label-prototypes.npz``,
+with the run's fingerprint id): a resumed run reads it instead of pooling again, and
+``--prototypes FILE`` reuses it elsewhere (other shards, a val split with a train split's).
+"""
+from __future__ import annotations
+
+import dataclasses
+import io
+import json
+import os
+import platform
+import time
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+
+import numpy as np
+
+from ..core.prototypes import Prototypes, Sums, add_sums, finish, image_sums
+from ..errors import DHRLabelError, FileLevelError
+from ..io.atomic import write_bytes_atomic
+from ..io.contract import CamsFile, FeatsFile
+from ..io.inputs import load_inputs
+from .parallel import map_chunks
+from .signals import become_worker
+
+#: The file a run saves its pooled prototypes in, in the output directory.
+FILE_NAME = "dhr-label-prototypes.npz"
+#: Ids per task: a fixed grouping, so the sums do not depend on the number of workers.
+CHUNK = 16
+
+
+@dataclass(frozen=True)
+class PoolJob:
+    """What a worker needs to pool a chunk of ids."""
+
+    cams: Path
+    feats: Path
+    num_classes: int
+    wss: bool  # also the WSS layers (full DHR)
+    images_dir: Path | None = None
+    base_dir: Path | None = None
+    parent: int = field(default_factory=os.getpid)
+    host: str = field(default_factory=platform.node)
+
+
+@dataclass(frozen=True)
+class RunPrototypes:
+    """The prototypes of a run and where they come from (for the manifest and the summary).
+
+    ``prototypes`` is None when no image had a base mask to pool: Steps 2-3 then use each
+    image's own centroids, and the run says so.
+    """
+
+    prototypes: Prototypes | None
+    source: str  # "pooled", "reused" (this directory's file) or "file"
+    file: str | None
+    images: int = 0  # images pooled
+    skipped: int = 0  # images without a base mask, or whose inputs could not be read
+    seconds: float = 0.0  # spent pooling (0 when read from a file)
+
+    def record(self) -> dict:
+        return {"source": self.source, "file": self.file, "images": self.images, "skipped": self.skipped,
+                "available": self.prototypes is not None, "seconds": round(self.seconds, 3)}
+
+
+def pool_chunk(job: PoolJob, ids: list[str]) -> tuple[str, Sums | None, int]:
+    """A worker's task: the summed :func:`~dhr_label.core.prototypes.image_sums` of the ids
+    that have a base mask and readable features, in order; the first id (to restore the
+    chunks' order) and how many were skipped. A fault of an image is left to the refine run,
+    which reports it."""
+    become_worker(job.parent, job.host)
+    combined = Path(job.feats) == Path(job.cams)
+    sums, skipped = None, 0
+    with CamsFile.open(job.cams, combined=combined) as cams, FeatsFile.open(job.feats, combined=combined) as feats:
+        for image_id in ids:
+            try:
+                inputs = load_inputs(image_id, cams, feats, uss=True, wss=job.wss, images_dir=job.images_dir, base_dir=job.base_dir)
+            except (DHRLabelError, OSError, ValueError):
+                skipped += 1
+                continue
+            if inputs.base is None:
+                skipped += 1
+                continue
+            sums = add_sums(sums, image_sums(inputs.base, inputs.uss, inputs.wss, job.num_classes))
+    return ids[0], sums, skipped
+
+
+def pool(job: PoolJob, *, workers: int) -> RunPrototypes:
+    """Pool the prototypes of every id of ``job.cams`` over ``workers`` processes."""
+    t0 = time.perf_counter()
+    with CamsFile.open(job.cams, combined=Path(job.feats) == Path(job.cams)) as cams:
+        ids = cams.ids()
+    chunks = [ids[i : i + CHUNK] for i in range(0, len(ids), CHUNK)]
+    parts = {first: (sums, skipped) for first, sums, skipped in map_chunks(partial(pool_chunk, job), chunks, workers=workers)}
+    total, skipped = None, 0
+    for chunk in chunks:  # in the ids' order, whatever order the workers finished in
+        sums, missed = parts[chunk[0]]
+        total, skipped = add_sums(total, sums), skipped + missed
+    prototypes = finish(total) if total is not None else None
+    return RunPrototypes(prototypes, "pooled", None, len(ids) - skipped, skipped, time.perf_counter() - t0)
+
+
+def save(path: Path, run: RunPrototypes, *, fingerprint_id: str) -> None:
+    """Write the prototypes as an ``.npz`` (``uss``, ``wss_0``, ...; ``meta`` JSON), atomically."""
+    p = run.prototypes
+    arrays = {"uss": p.uss, **{f"wss_{k}": layer for k, layer in enumerate(p.wss)}}
+    meta = {"fingerprint_id": fingerprint_id, "images": run.images, "skipped": run.skipped}
+    buffer = io.BytesIO()
+    np.savez(buffer, meta=np.array(json.dumps(meta)), **arrays)
+    write_bytes_atomic(Path(path), buffer.getvalue())
+
+
+def load(path: Path, *, num_classes: int, wss: bool) -> tuple[Prototypes, dict]:
+    """Read a file of :func:`save` and its meta; its classes must be ``num_classes``, and it
+    must hold WSS layers when ``wss``.
+
+    Raises FileLevelError naming the file, what was expected and what was found.
+    """
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            layers = sorted((n for n in z.files if n.startswith("wss_")), key=lambda n: int(n[4:]))
+            prototypes = Prototypes(uss=z["uss"], wss=tuple(z[n] for n in layers))
+            meta = json.loads(str(z["meta"])) if "meta" in z.files else {}
+    except (OSError, ValueError, KeyError, EOFError) as exc:
+        raise FileLevelError(f"prototypes {path}: cannot read a dhr-label prototypes file ({exc})") from None
+    if prototypes.num_classes != num_classes:
+        raise FileLevelError(f"prototypes {path}: expected {num_classes} classes (the cams file's), found {prototypes.num_classes}")
+    if wss and not prototypes.wss:
+        raise FileLevelError(f"prototypes {path}: expected WSS layers for full DHR, found USS prototypes only")
+    return prototypes, meta
+
+
+def for_run(
+    job: PoolJob, *, out: Path, fingerprint_id: str, given: Path | None, workers: int
+) -> RunPrototypes:
+    """The prototypes of a run writing into ``out``: read from ``given``; else this directory's
+    file when a run with the same fingerprint saved it; else pooled now and saved there."""
+    if given is not None:
+        prototypes, meta = load(given, num_classes=job.num_classes, wss=job.wss)
+        return RunPrototypes(prototypes, "file", str(given), int(meta.get("images", 0)), int(meta.get("skipped", 0)))
+    saved = Path(out) / FILE_NAME
+    if saved.exists():
+        try:
+            prototypes, meta = load(saved, num_classes=job.num_classes, wss=job.wss)
+        except FileLevelError:
+            meta = {}
+        if meta.get("fingerprint_id") == fingerprint_id:
+            return RunPrototypes(prototypes, "reused", str(saved), int(meta.get("images", 0)), int(meta.get("skipped", 0)))
+    run = pool(job, workers=workers)
+    if run.prototypes is not None:
+        save(saved, run, fingerprint_id=fingerprint_id)
+        run = dataclasses.replace(run, file=str(saved))
+    return run
