@@ -64,16 +64,39 @@ def miou(confusion: np.ndarray) -> float:
     return float(np.mean(tp[present] / np.maximum(union[present], 1)) * 100)
 
 
+def _plot(path: Path, curves: list[tuple[str, list[dict]]]) -> None:
+    """Precision against coverage, one line per (name, rows), the points at the levels P."""
+    from PIL import Image
+
+    colours = [(31, 119, 180), (214, 39, 40), (44, 160, 44), (148, 103, 189)]
+    series = [Series(name, tuple((r["coverage"], r["precision"]) for r in rows), colour=colours[i % 4], line=True)
+              for i, (name, rows) in enumerate(curves)]
+    chart = render_chart(series, title="--ignore-below P, P = 0 ... 0.9999", x_label="coverage of the labelled pixels %",
+                         y_label="precision of the kept pixels %")
+    Image.fromarray(chart).save(path)
+
+
+def _read_json(path: Path) -> dict:
+    return json.loads(Path(path).read_text())
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("data", type=Path)
+    parser.add_argument("data", type=Path, nargs="?", help="omit to only draw --plot-with curves into --plot")
     parser.add_argument("--classes", default=None, help="preset or class-list file (default: the file's)")
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--limit", type=int, default=None)
     parser.add_argument("--set", action="append", default=[], metavar="NAME=VALUE", help="a parameter for every image")
     parser.add_argument("--plot", type=Path, default=None, help="write precision against coverage here (PNG)")
     parser.add_argument("--json", type=Path, default=None)
+    parser.add_argument("--plot-with", type=Path, action="append", default=[], metavar="JSON",
+                        help="also draw the curve of an earlier run's --json (another dataset)")
     args = parser.parse_args()
+    if args.data is None:
+        if not (args.plot and args.plot_with):
+            parser.error("without DATA, give --plot and one or more --plot-with")
+        _plot(args.plot, [(Path(d["data"]).name, d["rows"]) for d in map(_read_json, args.plot_with)])
+        return 0
     with CamsFile.open(args.data / "cams.h5") as cams:
         ids = cams.ids()[: args.limit] if args.limit else cams.ids()
         preset = resolve_preset(args.classes) if args.classes else preset_from_classes(cams.classes, cams.background)
@@ -102,12 +125,7 @@ def main() -> int:
     for row in rows:
         print(f"{row['P']:7.4f} {row['coverage']:11.2f} {row['precision']:12.2f} {row['miou_kept']:10.2f}")
     if args.plot:
-        from PIL import Image
-
-        points = tuple((row["coverage"], row["precision"]) for row in rows)
-        chart = render_chart([Series("ignore-below P", points, line=True)], title=f"{args.data.name}: kept pixels",
-                             x_label="coverage %", y_label="precision %")
-        Image.fromarray(chart).save(args.plot)
+        _plot(args.plot, [(args.data.name, rows)] + [(Path(d["data"]).name, d["rows"]) for d in map(_read_json, args.plot_with)])
     if args.json:
         args.json.write_text(json.dumps({"data": str(args.data), "images": len(ids), "wall_s": wall, "rows": rows}, indent=1))
     return 0

@@ -135,8 +135,9 @@ class DHRParams:
     marginal_floor: float = 0.01  # floor of the ``area`` marginal before renormalising
     marginal_kl: float = 0.1  # KL weight of the ``unbalanced`` marginal
     # Our addition, not in the paper: after Step 3, a class of M_init that kept less than this
-    # fraction of its M_init region gets that region back (0 = off, the paper's behaviour).
-    guard: float = 0.0
+    # fraction of its M_init region gets that region back (0 = off, the paper's behaviour; 0.3
+    # with the prototypes below: fewer vanished classes on both real val sets, docs/algorithm.md).
+    guard: float = 0.3
     guard_max_share: float = 1.0  # only classes below this share of M_init's pixels are guarded
     # Ours: pixels whose final DenseCRF marginal maximum is below this get the ignore label
     # (255), as WSSS pipelines blank uncertain pixels; 0 = off (every pixel gets a class).
@@ -145,10 +146,10 @@ class DHRParams:
     # dataset-level class prototypes, (1 - w) * image centroid + w * prototype (unit vectors),
     # in rows 5 and 7; 0 = the paper's per-image centroids. refine pools the prototypes from
     # the base masks of every image of the cams file (or reads them from --prototypes).
-    prototype_weight: float = 0.0
+    prototype_weight: float = 0.75
     # Ours: in full DHR (USS and WSS on), Step 2's heat maps become (1 - w) * S_us + w * S_ws,
     # min-max again, before the Step-3 groups; 0 = the paper (WSS only inside the groups).
-    wss_heat_weight: float = 0.0
+    wss_heat_weight: float = 0.5
 
     def __post_init__(self) -> None:
         _coerce_enums(self)

@@ -169,14 +169,15 @@ def _print(report: TuneReport, objective: str) -> None:
                       percent(_nan(t["miou"]), 2), f"{t['vanished']}/{t['pairs']}", percent(_nan(t["fwiou"]), 2))
     out_console.print(table)
     folds = Table(title=Text(f"{len(cv.folds)}-fold cross-validation: chosen on the other folds, scored on the held-out one"))
-    for name in ("held-out fold", "images", "chosen", "mIoU held out", "vanished held out", "mIoU other folds"):
-        folds.add_column(name, justify="left" if name == "chosen" else "right")
+    for name in ("fold", "images", "mIoU held out", "vanished held out", "mIoU others"):
+        folds.add_column(name, justify="right", no_wrap=True)
+    folds.add_column("chosen on the others", justify="left", overflow="fold", min_width=16)  # the one that may wrap
     for fold, size in zip(cv.folds, report.fold_sizes):
-        folds.add_row(str(fold.index + 1), str(size), Text(_describe(report.settings[fold.chosen])),
-                      percent(_nan(fold.held_out["miou"]), 2), f"{fold.held_out['vanished']}/{fold.held_out['pairs']}",
-                      percent(_nan(fold.in_sample["miou"]), 2))
-    folds.add_row("pooled", str(report.images), "", percent(_nan(cv.pooled["miou"]), 2),
-                  f"{cv.pooled['vanished']}/{cv.pooled['pairs']}", "", style="bold")
+        folds.add_row(str(fold.index + 1), str(size), percent(_nan(fold.held_out["miou"]), 2),
+                      f"{fold.held_out['vanished']}/{fold.held_out['pairs']}", percent(_nan(fold.in_sample["miou"]), 2),
+                      Text(_describe(report.settings[fold.chosen])))
+    folds.add_row("pooled", str(report.images), percent(_nan(cv.pooled["miou"]), 2),
+                  f"{cv.pooled['vanished']}/{cv.pooled['pairs']}", "", "", style="bold")
     out_console.print(folds)
     out_console.print(f"chosen on all images: {_describe(report.settings[cv.chosen])} — mIoU {percent(_nan(cv.in_sample['miou']), 2)} "
                       f"in sample, {percent(_nan(cv.pooled['miou']), 2)} expected on unseen images (pooled held-out folds)",

@@ -142,6 +142,30 @@ def load_inputs(
     return ImageInputs(image_id, cam, labels, image, base, uss_map, wss_maps, notes)
 
 
+def load_pooling_inputs(
+    image_id: str, cams: CamsFile, feats: FeatsFile, *, wss: bool, base_dir: Path | None = None
+) -> tuple[np.ndarray | None, np.ndarray | None, list[np.ndarray] | None]:
+    """What the class-prototype pass reads of one image: the base mask (None: nothing to pool,
+    and the features are not read), the USS features and, with ``wss``, the WSS layers — as
+    :func:`load_inputs` gives them, without reading the CAM or the image.
+
+    Raises
+    ------
+    InputError
+    """
+    base, _ = _base(image_id, cams, base_dir)
+    if base is None:
+        return None, None, None
+    if cams.ignore_index != 255:
+        base = np.where(base == cams.ignore_index, 255, base).astype(np.uint8)
+    uss_map = feats.read_uss(image_id)
+    check_grid(image_id, f"{feats.path}:/{image_id}/uss", uss_map.shape[1:], base.shape)
+    layers = [layer for _, layer in feats.read_wss(image_id)] if wss else None
+    for layer in layers or []:
+        check_grid(image_id, f"{feats.path}:/{image_id}/wss", layer.shape[1:], base.shape)
+    return base, uss_map, layers
+
+
 def _image(image_id: str, cams: CamsFile, images_dir: Path | None, notes: list[str]) -> tuple[np.ndarray, str]:
     """The image and where it came from: ``--images`` when given, else the file's dataset."""
     if images_dir is not None:

@@ -27,7 +27,7 @@ from ..core.prototypes import Prototypes, Sums, add_sums, finish, image_sums
 from ..errors import DHRLabelError, FileLevelError
 from ..io.atomic import write_bytes_atomic
 from ..io.contract import CamsFile, FeatsFile
-from ..io.inputs import load_inputs
+from ..io.inputs import load_pooling_inputs
 from .parallel import map_chunks
 from .signals import become_worker
 
@@ -45,7 +45,6 @@ class PoolJob:
     feats: Path
     num_classes: int
     wss: bool  # also the WSS layers (full DHR)
-    images_dir: Path | None = None
     base_dir: Path | None = None
     parent: int = field(default_factory=os.getpid)
     host: str = field(default_factory=platform.node)
@@ -82,14 +81,14 @@ def pool_chunk(job: PoolJob, ids: list[str]) -> tuple[str, Sums | None, int]:
     with CamsFile.open(job.cams, combined=combined) as cams, FeatsFile.open(job.feats, combined=combined) as feats:
         for image_id in ids:
             try:
-                inputs = load_inputs(image_id, cams, feats, uss=True, wss=job.wss, images_dir=job.images_dir, base_dir=job.base_dir)
+                base, uss, wss = load_pooling_inputs(image_id, cams, feats, wss=job.wss, base_dir=job.base_dir)
             except (DHRLabelError, OSError, ValueError):
                 skipped += 1
                 continue
-            if inputs.base is None:
+            if base is None:
                 skipped += 1
                 continue
-            sums = add_sums(sums, image_sums(inputs.base, inputs.uss, inputs.wss, job.num_classes))
+            sums = add_sums(sums, image_sums(base, uss, wss, job.num_classes))
     return ids[0], sums, skipped
 
 
@@ -115,7 +114,10 @@ def save(path: Path, run: RunPrototypes, *, fingerprint_id: str) -> None:
     meta = {"fingerprint_id": fingerprint_id, "images": run.images, "skipped": run.skipped}
     buffer = io.BytesIO()
     np.savez(buffer, meta=np.array(json.dumps(meta)), **arrays)
-    write_bytes_atomic(Path(path), buffer.getvalue())
+    try:
+        write_bytes_atomic(Path(path), buffer.getvalue())
+    except OSError as exc:  # a full disk stops the run before any image, as a mask write would
+        raise FileLevelError(f"cannot write {path}: {exc.strerror or exc}") from None
 
 
 def load(path: Path, *, num_classes: int, wss: bool) -> tuple[Prototypes, dict]:

@@ -203,7 +203,7 @@ def run_tune(request: TuneRequest, *, on_start=None, on_result=None) -> TuneRepo
     workers = r.workers or default_workers()
     if todo and any(v.uses_prototypes for v in r.variants):  # pooled once for every variant (runtime.prototypes)
         pool_job = PoolJob(r.cams, r.feats, preset.num_classes, wss=any(v.steps.needs_wss for v in r.variants),
-                           images_dir=r.images, base_dir=r.base)
+                           base_dir=r.base)
         key = fingerprint_id({"inputs": _inputs(r, job), "classes": preset.num_classes, "wss": pool_job.wss})
         job = dataclasses.replace(job, prototypes=prototypes_for_run(pool_job, out=r.out, fingerprint_id=key, given=None,
                                                                      workers=workers).prototypes)

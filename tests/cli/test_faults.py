@@ -405,7 +405,11 @@ def test_debug_shows_the_traceback_of_an_unexpected_error(tmp_path, monkeypatch)
 # ----------------------------------------------------------------------------------------------
 # A full disk: the run stops with one message, and no partial mask remains under any name
 # ----------------------------------------------------------------------------------------------
-def test_a_full_disk_stops_the_run_without_partial_files(tmp_path, monkeypatch):
+@pytest.mark.parametrize("extra, first", [
+    (("--prototype-weight", "0"), "img_000.png"),  # the first mask
+    ((), "dhr-label-prototypes.npz"),  # the class prototypes, pooled before the images
+])
+def test_a_full_disk_stops_the_run_without_partial_files(tmp_path, monkeypatch, extra, first):
     real, writes = atomic._write_file, []
 
     def disk_full(path, data):  # the run's first write (its manifest) fits; then the disk is full
@@ -419,15 +423,16 @@ def test_a_full_disk_stops_the_run_without_partial_files(tmp_path, monkeypatch):
     monkeypatch.setattr(atomic, "_write_file", disk_full)
     data = make_dataset(tmp_path / "in", records=records())
     out = tmp_path / "out"
-    result = run_refine(data, out)
+    result = run_refine(data, out, *extra)
     assert result.exit_code == 1
     assert "Traceback" not in result.stderr
     errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
     assert errors == [
-        f"error: cannot write {out / 'img_000.png'}: No space left on device; "
+        f"error: cannot write {out / first}: No space left on device; "
         f"cannot write the manifest {out / MANIFEST}: No space left on device"
     ]
-    assert re.search(r"failed\W+1\b", result.stderr) and re.search(r"not run\W+2\b", result.stderr)
+    failed = 1 if first.startswith("img") else 0  # a mask that could not be written is a failed image
+    assert re.search(rf"failed\W+{failed}\b", result.stderr) and re.search(rf"not run\W+{3 - failed}\b", result.stderr)
     assert sorted(p.name for p in out.iterdir()) == LOCKS + [MANIFEST]  # the manifest of the start
     assert last_run(out)["status"] == "running"  # what the full disk let the run record
 

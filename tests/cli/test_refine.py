@@ -41,7 +41,7 @@ def test_end_to_end_files_palette_ids_and_masks(data, tmp_path):
     assert result.stdout == ""  # the summary goes to stderr; stdout is for --json
     assert re.search(r"done\W+3\b", result.stderr)  # the summary table
     assert sorted(p.name for p in out.iterdir() if not p.name.startswith(".")) == sorted([
-        "img_000.png", "img_001.png", "img_002.png", MANIFEST,
+        "img_000.png", "img_001.png", "img_002.png", MANIFEST, "dhr-label-prototypes.npz",
     ])
     assert temporaries(out) == []
     for image_id in data.ids:
@@ -210,7 +210,9 @@ def test_refine_limit_1_on_100k_ids_reads_one_image(many, monkeypatch, tmp_path)
     path, ids = many
     reads = _count_reads(monkeypatch)
     out = tmp_path / "masks"
-    cli = ["--cams", str(path), "--feats", str(path), "--out", str(out), "--workers", "1"]
+    # Without class prototypes, whose pass before the run reads every image's base mask and
+    # features by design (tests/runtime/test_prototypes.py): here only the selection is at stake.
+    cli = ["--cams", str(path), "--feats", str(path), "--out", str(out), "--workers", "1", "--prototype-weight", "0"]
     from typer.testing import CliRunner
 
     from dhr_label.cli import app

@@ -60,13 +60,14 @@ def test_guard_zero_is_the_papers_step_3(monkeypatch):
     init = np.zeros((12, 16), dtype=np.uint8)
     init[:, 8:] = 1
     uss = rng.normal(size=(4, 3, 4)).astype(np.float32)
-    off = rebalance(init, uss=uss, wss=None, params=DHRParams(steps=Steps.row(5)), crf=None).mask
+    paper = DHRParams(steps=Steps.row(5), guard=0.0)
+    off = rebalance(init, uss=uss, wss=None, params=paper, crf=None).mask
     on = rebalance(init, uss=uss, wss=None, params=DHRParams(steps=Steps.row(5), guard=1.0), crf=None).mask
     # with guard 1.0 every class whose M_init region changed at all gets it back ...
     assert (on == init).all() and not (off == init).all()  # ... and in this scene Step 3 changed some
     # guard 0 is Step 3 as the paper has it: the guard is never consulted
     monkeypatch.setattr(dhr, "guard_vanished", lambda *a, **k: pytest.fail("guard 0 must not run the guard"))
-    np.testing.assert_array_equal(rebalance(init, uss=uss, wss=None, params=DHRParams(steps=Steps.row(5)), crf=None).mask, off)
+    np.testing.assert_array_equal(rebalance(init, uss=uss, wss=None, params=paper, crf=None).mask, off)
 
 
 def test_one_feature_cell_keeps_m_init():

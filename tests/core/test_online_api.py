@@ -8,6 +8,7 @@ F = torch.nn.functional
 
 import dhr_label  # noqa: E402
 from dhr_label import CRFParams, DHRParams  # noqa: E402
+from dhr_label.core.prototypes import add_sums, finish, image_sums  # noqa: E402
 
 
 class TinyNet(torch.nn.Module):
@@ -37,6 +38,14 @@ def test_masks_renewed_inside_a_training_step(device):
     params = DHRParams(crf=CRFParams(backend="torch"))
 
     # -- as in the README ------------------------------------------------------------------
+    with torch.no_grad():  # class prototypes from the base masks, e.g. once per epoch (here: this batch)
+        _, _, p4, p5 = net(images)
+        sums = None
+        for b in range(2):
+            host = lambda t: t.float().cpu().numpy()  # noqa: E731
+            sums = add_sums(sums, image_sums(host(bases[b]).astype(np.uint8), host(dino(images[b : b + 1])[0]),
+                                             [host(p4[b]), host(p5[b])], num_classes=21))
+        prototypes = finish(sums)
     logits, seg, c4, c5 = net(images)
     with torch.no_grad():  # renew the pseudo-masks with DHR, on the device, no files
         uss = dino(images)
@@ -44,6 +53,7 @@ def test_masks_renewed_inside_a_training_step(device):
         states = dhr_label.refine_batch(
             [logits[b, t] for b, t in enumerate(tags)], tags, list(rgb), bases=list(bases),
             uss=list(uss), wss=[[c4[b], c5[b]] for b in range(2)], background=0, params=params,
+            prototypes=prototypes,
         )
         targets = torch.stack([s.mask for s in states]).long()  # 255 where ignored
     loss = F.cross_entropy(F.interpolate(seg, size=(48, 64), mode="bilinear"), targets, ignore_index=255)
@@ -53,6 +63,7 @@ def test_masks_renewed_inside_a_training_step(device):
     assert targets.shape == (2, 48, 64) and targets.device.type == torch.device(device).type
     assert set(torch.unique(targets[0]).tolist()) <= {0, 1, 15} and set(torch.unique(targets[1]).tolist()) <= {0, 7}
     assert torch.isfinite(loss)
+    assert prototypes.uss.shape == (21, 6) and len(prototypes.wss) == 2
 
 
 def test_dense_crf_as_a_drop_in_post_processing_step(device):

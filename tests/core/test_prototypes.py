@@ -9,6 +9,7 @@ from dhr_label.core.prototypes import Prototypes, add_sums, finish, image_sums
 from dhr_label.params import DHRParams, Steps
 
 TOL = 1e-6  # float32 rounding of unit vectors and cosines
+PAPER = DHRParams(prototype_weight=0.0, wss_heat_weight=0.0, guard=0.0)  # the paper's Steps 2-3
 
 
 def test_image_sums_map_reduce_to_the_class_means():
@@ -87,20 +88,20 @@ def _heat(init, uss, wss, params, protos=None):
 
 def test_zero_weights_or_no_prototypes_are_the_paper():
     init, uss, wss, protos = _scene()
-    paper = _heat(init, uss, wss, DHRParams())
-    np.testing.assert_array_equal(_heat(init, uss, wss, DHRParams(), protos), paper)  # weight 0
-    np.testing.assert_array_equal(_heat(init, uss, wss, DHRParams(prototype_weight=0.8)), paper)  # none given
+    paper = _heat(init, uss, wss, PAPER)
+    np.testing.assert_array_equal(_heat(init, uss, wss, PAPER, protos), paper)  # weight 0
+    np.testing.assert_array_equal(_heat(init, uss, wss, PAPER.replace(prototype_weight=0.8)), paper)  # none given
 
 
 def test_prototypes_and_the_wss_mix_change_the_heat_maps_of_full_dhr_only():
     init, uss, wss, protos = _scene()
-    paper = _heat(init, uss, wss, DHRParams())
-    blended = _heat(init, uss, wss, DHRParams(prototype_weight=1.0), protos)
-    mixed = _heat(init, uss, wss, DHRParams(wss_heat_weight=1.0))
+    paper = _heat(init, uss, wss, PAPER)
+    blended = _heat(init, uss, wss, PAPER.replace(prototype_weight=1.0), protos)
+    mixed = _heat(init, uss, wss, PAPER.replace(wss_heat_weight=1.0))
     assert not np.allclose(blended, paper) and not np.allclose(mixed, paper)
     assert blended.shape == mixed.shape == (3, 4, 4)
     assert 0.0 <= mixed.min() and mixed.max() <= 1.0
-    row5, row6 = DHRParams(steps=Steps.row(5)), DHRParams(steps=Steps.row(6))
+    row5, row6 = PAPER.replace(steps=Steps.row(5)), PAPER.replace(steps=Steps.row(6))
     # the mix is a change of full DHR's Step 2: USS alone (row 5) has no WSS maps to mix
     np.testing.assert_array_equal(_heat(init, uss, None, row5.replace(wss_heat_weight=1.0)), _heat(init, uss, None, row5))
     # the prototypes live on the USS grid: WSS alone (row 6) keeps its own centroids

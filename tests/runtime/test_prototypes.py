@@ -8,7 +8,7 @@ from helpers_h5 import last_run, make_dataset, masks_in, pixels_in, run_refine
 from dhr_label.core.prototypes import Prototypes, add_sums, finish, image_sums
 from dhr_label.io.contract import CamsFile, FeatsFile
 from dhr_label.io.inputs import load_inputs
-from dhr_label.runtime.prototypes import CHUNK, FILE_NAME, RunPrototypes, load, save
+from dhr_label.runtime.prototypes import CHUNK, FILE_NAME, PoolJob, RunPrototypes, load, pool, save
 
 N = 2 * CHUNK + 5  # three chunks of ids, the last one short
 OURS = ("--prototype-weight", "0.75", "--wss-heat-weight", "0.5")
@@ -54,10 +54,13 @@ def test_the_prototypes_reach_every_worker(data, pooled, tmp_path):
     swapped = Prototypes(pooled_protos.uss[order], tuple(layer[order] for layer in pooled_protos.wss))
     path = tmp_path / "swapped.npz"
     save(path, RunPrototypes(swapped, "file", None, N, 0), fingerprint_id="test")
-    result = run_refine(data, tmp_path / "masks", "--prototype-weight", "1", "--prototypes", str(path), workers=2)
+    alone = ("--prototype-weight", "1", "--wss-heat-weight", "0", "--guard", "0")  # the prototypes decide
+    result = run_refine(data, tmp_path / "swapped", *alone, "--prototypes", str(path), workers=2)
     assert result.exit_code == 0, result.stderr
-    got = pixels_in(tmp_path / "masks")
-    assert sum(got[i] != pixels_in(out)[i] for i in got) > N // 2
+    result = run_refine(data, tmp_path / "right", *alone, "--prototypes", str(out / FILE_NAME), workers=2)
+    assert result.exit_code == 0, result.stderr
+    swapped_masks, right = pixels_in(tmp_path / "swapped"), pixels_in(tmp_path / "right")
+    assert sum(swapped_masks[i] != right[i] for i in right) > N // 2
 
 
 def test_masks_do_not_depend_on_the_worker_count_or_the_selection(data, pooled, tmp_path):
@@ -125,3 +128,12 @@ def test_without_base_masks_the_run_says_it_used_the_papers_centroids(tmp_path):
     paper = tmp_path / "paper"
     assert run_refine(data, paper).exit_code == 0
     assert pixels_in(out) == pixels_in(paper)
+
+
+def test_pooling_reads_base_masks_and_features_only(data, monkeypatch):
+    read = []
+    for name in ("read_cam", "read_image"):
+        original = getattr(CamsFile, name)
+        monkeypatch.setattr(CamsFile, name, lambda self, *a, _o=original, _n=name, **k: read.append(_n) or _o(self, *a, **k))
+    run = pool(PoolJob(data.cams, data.feats, len(data.classes), wss=True), workers=1)
+    assert run.images == N and read == []

@@ -175,7 +175,7 @@ def run_refine(
 def _prototypes(r: RefineRequest, preset: Preset, fid: str) -> RunPrototypes:
     """Steps 2-3's class prototypes for this run (runtime.prototypes): from ``--prototypes``,
     this directory's file of an earlier run with these settings, or pooled now."""
-    job = PoolJob(r.cams, r.feats, len(preset.classes), wss=r.params.steps.needs_wss, images_dir=r.images, base_dir=r.base)
+    job = PoolJob(r.cams, r.feats, len(preset.classes), wss=r.params.steps.needs_wss, base_dir=r.base)
     return prototypes_for_run(job, out=r.out, fingerprint_id=fid, given=r.prototypes, workers=r.workers or default_workers())
 
 
