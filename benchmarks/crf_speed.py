@@ -32,7 +32,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import sys
 import time
@@ -46,6 +45,9 @@ import torch.nn.functional as F
 from dhr_label.core.crf.meanfield import BatchCRF
 from dhr_label.params import CRFParams
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import speed  # noqa: E402, I001  (the machine facts, one place)
+
 CPU_SCALES = (("CamVid", 360, 480, 11), ("COCO", 480, 640, 7))
 CUDA_SCALES = (("480x360", 360, 480, 11), ("640x480", 480, 640, 7))
 DEFAULT_DATA = Path("/work/shared/data/camvid-val")
@@ -56,20 +58,11 @@ def log(*args) -> None:
 
 
 def machine() -> dict:
-    model = "unknown"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    """speed.py's machine facts, plus the CUDA device and runtime."""
+    import torch
+
     cuda = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
-    return {
-        "cpu": model, "cores": len(os.sched_getaffinity(0)), "python": platform.python_version(),
-        "torch": torch.__version__, "numpy": np.__version__, "cuda_device": cuda,
-        "cuda_runtime": torch.version.cuda, "load_average": os.getloadavg(),
-    }
+    return {**speed.machine(), "cuda_device": cuda, "cuda_runtime": torch.version.cuda, "load_average": os.getloadavg()}
 
 
 # ----------------------------------------------------------------------------------------------

@@ -118,19 +118,20 @@ def cross_validate(tallies: list[list[Tally]], objective: str) -> CrossValidatio
     result = CrossValidation(objective)
     pooled = Tally.empty(num_classes)
     for fold in range(k):
-        rest = [_sum([t for j, t in enumerate(per_fold) if j != fold], num_classes) for per_fold in tallies]
+        rest = [sum_tallies([t for j, t in enumerate(per_fold) if j != fold], num_classes) for per_fold in tallies]
         chosen = best(rest, objective)
         held = tallies[chosen][fold]
         pooled = pooled.add(held)
         result.folds.append(Fold(fold, chosen, scores(held), scores(rest[chosen])))
     result.pooled = scores(pooled)
-    everything = [_sum(per_fold, num_classes) for per_fold in tallies]
+    everything = [sum_tallies(per_fold, num_classes) for per_fold in tallies]
     result.chosen = best(everything, objective)
     result.in_sample = scores(everything[result.chosen])
     return result
 
 
-def _sum(tallies: list[Tally], num_classes: int) -> Tally:
+def sum_tallies(tallies: list[Tally], num_classes: int) -> Tally:
+    """The tallies added up (an empty one for none)."""
     total = Tally.empty(num_classes)
     for tally in tallies:
         total = total.add(tally)

@@ -34,7 +34,7 @@ from ..io.ids import mask_files, read_ids
 from ..io.inputs import load_inputs
 from ..io.masks import read_mask
 from ..metrics import confusion_matrix, vanished_classes
-from ..metrics.crossval import CrossValidation, Tally, assign_folds, cross_validate, scores
+from ..metrics.crossval import CrossValidation, Tally, assign_folds, cross_validate, scores, sum_tallies
 from ..params import DHRParams, Marginal
 from ..presets import Preset, check_agreement, preset_from_classes
 from .outcomes import DONE, FAILED, ImageResult, failure
@@ -234,19 +234,12 @@ def run_tune(request: TuneRequest, *, on_start=None, on_result=None) -> TuneRepo
         raise DHRLabelError(f"{len(failed)} of {len(ids)} images could not be tuned on (first: {failures[0]['id']}: "
                             f"{failures[0]['reason']}); fix them or leave them out with --ids, then run again (the rest is kept)")
     cv = cross_validate(tallies, r.objective)
-    totals = [scores(_total(t, preset.num_classes)) for t in tallies]
+    totals = [scores(sum_tallies(t, preset.num_classes)) for t in tallies]
     sizes = [sum(1 for i in ids if folds[i] == k) for k in range(r.folds)]
     report = TuneReport(preset, r.settings, totals, cv, r.variants[cv.chosen], len(ids), without_gt, failures, sizes,
                         time.perf_counter() - t0)
     _write_results(r, report)
     return report
-
-
-def _total(per_fold: list[Tally], num_classes: int) -> Tally:
-    total = Tally.empty(num_classes)
-    for tally in per_fold:
-        total = total.add(tally)
-    return total
 
 
 def _inputs(r: TuneRequest, job: TuneJob) -> dict:
