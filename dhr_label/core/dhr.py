@@ -168,7 +168,7 @@ def final_mask(
 ) -> tuple[np.ndarray, np.ndarray | None]:
     """Step 3.5: H upsampled to the image, DenseCRF (argmax without one), class ids.
 
-    Then our two additions, both off by default: the vanished-class guard and
+    Then two additions of ours: the vanished-class guard (``params.guard``, 0.3 by default) and
     ``ignore_below`` (255 where the CRF's maximum marginal is below it). Returns the mask and
     that maximum marginal (None without a CRF).
     """
