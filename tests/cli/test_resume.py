@@ -50,10 +50,14 @@ def reference(data, tmp_path_factory):
 
 
 def start(data, out: Path, *extra: str, workers: int = 2) -> subprocess.Popen:
-    """``dhr-label refine`` in its own process group (a group signal reaches its workers too)."""
+    """``dhr-label refine`` in its own process group (a group signal reaches its workers too), as
+    a terminal's foreground job: with Ctrl-C's default action even when this test runs where
+    SIGINT is ignored (a background job of a non-interactive shell ignores it, and so would the
+    child, which Python then leaves without its KeyboardInterrupt handler)."""
     return subprocess.Popen(
         cli_command() + refine_args(data, out, *extra, workers=workers),
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
 
 
