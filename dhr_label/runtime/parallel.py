@@ -53,7 +53,7 @@ def dask_client(scheduler: str):
     """A Dask ``distributed.Client`` connected to the scheduler at ``scheduler`` (e.g.
     ``tcp://host:8786``) for the block, closed on exit. A caller that already holds a client
     passes it to :func:`map_chunks` directly."""
-    try:
+    try:  # optional: the `dask` extra (pip install 'dhr-label[dask]'), imported only for --backend dask
         from distributed import Client
         from distributed.comm import parse_address
         from distributed.comm.registry import get_backend

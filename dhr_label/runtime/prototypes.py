@@ -140,14 +140,15 @@ def load(path: Path, *, num_classes: int, wss: bool) -> tuple[Prototypes, dict]:
     return prototypes, meta
 
 
-def for_run(
-    job: PoolJob, *, out: Path, fingerprint_id: str, given: Path | None, workers: int
-) -> RunPrototypes:
-    """The prototypes of a run writing into ``out``: read from ``given``; else this directory's
-    file when a run with the same fingerprint saved it; else pooled now and saved there."""
-    if given is not None:
-        prototypes, meta = load(given, num_classes=job.num_classes, wss=job.wss)
-        return RunPrototypes(prototypes, "file", str(given), int(meta.get("images", 0)), int(meta.get("skipped", 0)))
+def from_file(path: Path, *, num_classes: int, wss: bool) -> RunPrototypes:
+    """The prototypes of ``--prototypes FILE`` (:func:`load`'s checks and errors)."""
+    prototypes, meta = load(path, num_classes=num_classes, wss=wss)
+    return RunPrototypes(prototypes, "file", str(path), int(meta.get("images", 0)), int(meta.get("skipped", 0)))
+
+
+def for_run(job: PoolJob, *, out: Path, fingerprint_id: str, workers: int) -> RunPrototypes:
+    """The prototypes of a run writing into ``out``: this directory's file when a run with the
+    same fingerprint saved it; else pooled now and saved there."""
     saved = Path(out) / FILE_NAME
     if saved.exists():
         try:

@@ -205,8 +205,7 @@ def run_tune(request: TuneRequest, *, on_start=None, on_result=None) -> TuneRepo
         pool_job = PoolJob(r.cams, r.feats, preset.num_classes, wss=any(v.steps.needs_wss for v in r.variants),
                            base_dir=r.base)
         key = fingerprint_id({"inputs": _inputs(r, job), "classes": preset.num_classes, "wss": pool_job.wss})
-        job = dataclasses.replace(job, prototypes=prototypes_for_run(pool_job, out=r.out, fingerprint_id=key, given=None,
-                                                                     workers=workers).prototypes)
+        job = dataclasses.replace(job, prototypes=prototypes_for_run(pool_job, out=r.out, fingerprint_id=key, workers=workers).prototypes)
     if on_start is not None:
         on_start(len(todo), len(ids) - len(todo))
     failures = []

@@ -146,19 +146,19 @@ def _prototypes(rows: list, g_max: int, device) -> torch.Tensor | None:
     return F.pad(padded, (0, 0, 0, g_max - padded.shape[1]))
 
 
-def wss_heat(states, grids, weights, cells, needed, clip: float, device, params: DHRParams) -> torch.Tensor:
+def wss_heat(states, grids, weights, cells, needed, clip: float, device, layer_rows: list, weight: float) -> torch.Tensor:
     """Step 3.2 where ``needed``: per layer, resize to the grid, CAP, cosine, min-max; average;
-    min-max. Images not needed get zeros (their WSS maps would not be used)."""
+    min-max. Images not needed get zeros (their WSS maps would not be used). ``layer_rows``: per
+    image, its classes' prototypes per WSS layer (or None), blended in with ``weight``."""
     total = torch.zeros_like(weights)
     chosen = [b for b in range(len(states)) if needed[b]]
-    layer_rows = [prototype_rows(s, params)[1] for s in states]
     for index in range(max(len(states[b].wss) for b in chosen)):
         members = [b for b in chosen if index < len(states[b].wss)]
         features = _features([states[b].wss[index] for b in members], [grids[b] for b in members], device)
         rows = [None if layer_rows[b] is None else layer_rows[b][index] for b in members]
         protos = _prototypes(rows, weights.shape[1], device)
         maps, _ = heat_maps(features, weights[members], clip=clip, cells=cells[members][:, None, :],
-                            prototypes=protos, weight=params.prototype_weight)
+                            prototypes=protos, weight=weight)
         total[members] += maps
     layers = torch.as_tensor([len(s.wss) if needed[b] else 1 for b, s in enumerate(states)], dtype=WORK, device=device)
     return minmax(total / layers[:, None, None], -1, clip, valid=cells[:, None, :])
@@ -169,15 +169,17 @@ def heat_maps_stage(states: list[ImageState], params: DHRParams, device, crf=Non
     steps, clip = params.steps, params.ot.minmax_clip
     grids = [feature_grid(s, params) for s in states]
     weights, cells = cell_fractions(states, grids, params.cap.value, device)
+    rows = [prototype_rows(s, params) for s in states]  # ours: (USS, WSS layers) per image, or None
     heat = centroids = None
     if steps.uss:
         features = _features([s.uss for s in states], grids, device)
-        protos = _prototypes([prototype_rows(s, params)[0] for s in states], weights.shape[1], device)
+        protos = _prototypes([uss_rows for uss_rows, _ in rows], weights.shape[1], device)
         heat, centroids = heat_maps(features, weights, clip=clip, cells=cells[:, None, :], prototypes=protos, weight=params.prototype_weight)
         centroids = centroids.float().cpu().numpy()
     groups = [wss_groups(s, None if centroids is None else centroids[b, : len(s.classes)], params) for b, s in enumerate(states)]
     needed = [needs_wss_maps(g, params) for g in groups]
-    s_ws = wss_heat(states, grids, weights, cells, needed, clip, device, params) if any(needed) else None
+    layer_rows = [wss_rows for _, wss_rows in rows]
+    s_ws = wss_heat(states, grids, weights, cells, needed, clip, device, layer_rows, params.prototype_weight) if any(needed) else None
     if heat is None:  # Table 6 row 6: WSS alone
         heat = s_ws
     elif mixes_wss(params):  # ours: the WSS maps mixed into Step 2's

@@ -26,7 +26,7 @@ from ..outdir import InterruptWatch, mask_stats, output_lock, prepare_output, wr
 from ..parallel import cluster_threads, dask_client, default_workers
 from ..prototypes import PoolJob, RunPrototypes
 from ..prototypes import for_run as prototypes_for_run
-from ..prototypes import load as load_prototypes
+from ..prototypes import from_file as prototypes_from_file
 from ..selection import Shard, select_ids
 from ..signals import exit_code, stop_on_signals
 from .cpu import RefineJob, new_token, run_images
@@ -116,8 +116,9 @@ def run_refine(
     if unknown:
         shown = ", ".join(unknown[:5]) + (" ..." if len(unknown) > 5 else "")
         raise FileLevelError(f"{len(unknown)} id(s) of {r.ids_file} are not in {r.cams}: {shown}")
-    if params.uses_prototypes and r.prototypes is not None:  # a bad file stops the run before any image
-        load_prototypes(r.prototypes, num_classes=len(preset.classes), wss=params.steps.needs_wss)
+    given = None  # --prototypes, read here: a bad file stops the run before any image
+    if params.uses_prototypes and r.prototypes is not None:
+        given = prototypes_from_file(r.prototypes, num_classes=len(preset.classes), wss=params.steps.needs_wss)
     device = "cuda" if r.device.startswith("cuda") else "cpu"
     fp = fingerprint(params=params, preset=preset, cams=r.cams, feats=r.feats, images=r.images, base=r.base, device=device,
                      prototypes=r.prototypes)
@@ -139,7 +140,7 @@ def run_refine(
         try:
             with stop_on_signals(), InterruptWatch() as watch:
                 if params.uses_prototypes and todo:
-                    protos = _prototypes(r, preset, fid)
+                    protos = given or _pooled_prototypes(r, preset, fid)
                     record["prototypes"] = protos.record()
                     job = dataclasses.replace(job, prototypes=protos.prototypes)
                 with _engine(r, job) as (run, workers):
@@ -172,11 +173,11 @@ def run_refine(
                         len(ledger.notes), interrupted, error, warnings, protos)
 
 
-def _prototypes(r: RefineRequest, preset: Preset, fid: str) -> RunPrototypes:
-    """Steps 2-3's class prototypes for this run (runtime.prototypes): from ``--prototypes``,
-    this directory's file of an earlier run with these settings, or pooled now."""
+def _pooled_prototypes(r: RefineRequest, preset: Preset, fid: str) -> RunPrototypes:
+    """Steps 2-3's class prototypes for this run (runtime.prototypes): this directory's file of
+    an earlier run with these settings, or pooled now."""
     job = PoolJob(r.cams, r.feats, len(preset.classes), wss=r.params.steps.needs_wss, base_dir=r.base)
-    return prototypes_for_run(job, out=r.out, fingerprint_id=fid, given=r.prototypes, workers=r.workers or default_workers())
+    return prototypes_for_run(job, out=r.out, fingerprint_id=fid, workers=r.workers or default_workers())
 
 
 def _drive(results, ledger: RunLedger, watch: InterruptWatch, *, strict: bool, on_result) -> str | None:
