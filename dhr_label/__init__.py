@@ -16,7 +16,7 @@ The torch-based entries are imported on first use, so the numpy path never pays 
 """
 from __future__ import annotations
 
-__version__ = "0.3.0"
+__version__ = "0.4.0"
 
 from .core.dhr import refine  # noqa: E402
 from .core.prototypes import Prototypes  # noqa: E402

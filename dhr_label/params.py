@@ -132,13 +132,19 @@ class DHRParams:
     cap: CapMode = CapMode.soft
     marginal_init: Marginal = Marginal.uniform  # class marginal of the Step-1 OT
     marginal_rebalance: Marginal = Marginal.area  # class marginal of the Step-2/3 OT calls
-    marginal_floor: float = 0.01  # floor of the ``area`` marginal before renormalising
+    # Floor of the ``area`` marginal before renormalising: a minor class keeps at least this
+    # share of the OT mass (0.03 since 0.4; 0.01 before, which left the minor classes of a
+    # dataset with a background too little, docs/algorithm.md).
+    marginal_floor: float = 0.03
     marginal_kl: float = 0.1  # KL weight of the ``unbalanced`` marginal
     # Our addition, not in the paper: after Step 3, a class of M_init that kept less than this
-    # fraction of its M_init region gets that region back (0 = off, the paper's behaviour; 0.3
-    # with the prototypes below: fewer vanished classes on both real val sets, docs/algorithm.md).
-    guard: float = 0.3
+    # fraction of its M_init region gets that region back (0 = off, the paper's behaviour; 0.5
+    # with the prototypes below: fewer vanished classes on both real val sets, docs/algorithm.md)
+    # -- only the pixels of the region where the class's upsampled heat map reaches
+    # ``guard_support`` (0 = the whole region, 0.3's guard).
+    guard: float = 0.5
     guard_max_share: float = 1.0  # only classes below this share of M_init's pixels are guarded
+    guard_support: float = 0.15
     # Ours: pixels whose final DenseCRF marginal maximum is below this get the ignore label
     # (255), as WSSS pipelines blank uncertain pixels; 0 = off (every pixel gets a class).
     ignore_below: float = 0.0
@@ -175,6 +181,8 @@ class DHRParams:
             problems.append(f"guard must be in [0, 1], got {self.guard}")
         if not 0.0 < self.guard_max_share <= 1.0:
             problems.append(f"guard max share must be in (0, 1], got {self.guard_max_share}")
+        if not 0.0 <= self.guard_support < 1.0:
+            problems.append(f"guard support must be in [0, 1), got {self.guard_support}")
         if not 0.0 <= self.ignore_below <= 1.0:
             problems.append(f"ignore-below must be in [0, 1], got {self.ignore_below}")
         if not 0.0 <= self.prototype_weight <= 1.0:

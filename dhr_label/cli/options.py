@@ -11,7 +11,7 @@ PARAM_OPTIONS = {
     "marginal-kl": "marginal_kl", "crf-iters": "crf.iterations", "crf-gauss-sxy": "crf.gauss_sxy",
     "crf-gauss-compat": "crf.gauss_compat", "crf-bi-sxy": "crf.bilateral_sxy", "crf-bi-srgb": "crf.bilateral_srgb",
     "crf-bi-compat": "crf.bilateral_compat", "crf-backend": "crf.backend", "guard": "guard",
-    "guard-max-share": "guard_max_share", "ignore-below": "ignore_below",
+    "guard-max-share": "guard_max_share", "guard-support": "guard_support", "ignore-below": "ignore_below",
     "prototype-weight": "prototype_weight", "wss-heat-weight": "wss_heat_weight",
     "ot": "steps.ot", "crf": "steps.crf", "uss": "steps.uss", "wss": "steps.wss",
 }

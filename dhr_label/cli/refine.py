@@ -162,6 +162,7 @@ def refine_command(
     crf_bi_compat: Annotated[Optional[float], typer.Option("--crf-bi-compat", help=f"Bilateral kernel weight [default: {_D.crf.bilateral_compat}].", show_default=False)] = None,
     guard: Annotated[Optional[float], typer.Option("--guard", help=f"Ours, not the paper's: after Step 3, give a class back its M_init region when it kept less than this fraction of it; 0 = off [default: {_D.guard}].", show_default=False)] = None,
     guard_max_share: Annotated[Optional[float], typer.Option("--guard-max-share", help=f"Guard only classes covering less than this share of M_init [default: {_D.guard_max_share}].", show_default=False)] = None,
+    guard_support: Annotated[Optional[float], typer.Option("--guard-support", help=f"Give back only the pixels of the M_init region where the class's own heat map reaches this; 0 = the whole region [default: {_D.guard_support}].", show_default=False)] = None,
     prototype_weight: Annotated[Optional[float], typer.Option("--prototype-weight", help=f"Ours: blend dataset-level class prototypes into the Step 2/3 centroids with this weight (rows 5 and 7); they are pooled from the base masks of every image of the cams file before the run (no CRF) and saved in OUT, or read from --prototypes; 0 = the paper's per-image centroids (docs/algorithm.md) [default: {_D.prototype_weight}].", show_default=False)] = None,
     prototypes_file: Annotated[Optional[Path], typer.Option("--prototypes", metavar="<file>", help="Class prototypes to use instead of pooling them: the dhr-label-prototypes.npz of an earlier run (another shard, a train split).", exists=True, dir_okay=False)] = None,
     wss_heat_weight: Annotated[Optional[float], typer.Option("--wss-heat-weight", help=f"Ours: in full DHR, Step 2's heat maps become (1 - w) USS + w WSS maps; 0 = the paper (WSS maps only inside Step-3 groups) [default: {_D.wss_heat_weight}].", show_default=False)] = None,
@@ -203,6 +204,7 @@ def refine_command(
             "crf.gauss_sxy": crf_gauss_sxy, "crf.gauss_compat": crf_gauss_compat,
             "crf.bilateral_sxy": crf_bi_sxy, "crf.bilateral_srgb": crf_bi_srgb,
             "crf.bilateral_compat": crf_bi_compat, "guard": guard, "guard_max_share": guard_max_share,
+            "guard_support": guard_support,
             "ignore_below": ignore_below, "prototype_weight": prototype_weight, "wss_heat_weight": wss_heat_weight,
         },
     )

@@ -168,7 +168,8 @@ def final_mask(
 ) -> tuple[np.ndarray, np.ndarray | None]:
     """Step 3.5: H upsampled to the image, DenseCRF (argmax without one), class ids.
 
-    Then two additions of ours: the vanished-class guard (``params.guard``, 0.3 by default) and
+    Then two additions of ours: the vanished-class guard (``params.guard``, 0.5 by default,
+    restoring where the class's upsampled heat map reaches ``params.guard_support``) and
     ``ignore_below`` (255 where the CRF's maximum marginal is below it). Returns the mask and
     that maximum marginal (None without a CRF).
     """
@@ -180,7 +181,7 @@ def final_mask(
         winner, confidence = np.argmax(q, axis=0), q.max(axis=0)
     mask = classes[winner].astype(np.uint8)
     if params.guard > 0:
-        mask = guard_vanished(mask, init, classes, params.guard, params.guard_max_share)
+        mask = guard_vanished(mask, init, classes, params.guard, params.guard_max_share, up.__getitem__, params.guard_support)
     if params.ignore_below > 0 and confidence is not None:
         mask[confidence < params.ignore_below] = IGNORE
     return mask, confidence

@@ -248,19 +248,29 @@ def rebalance_transports(state: ImageState, groups: list[list[int]], params: DHR
     return [over(np.asarray(g)) for g in groups], over(np.arange(len(state.classes)))
 
 
-def guard_vanished(mask: np.ndarray, init: np.ndarray, classes: np.ndarray, ratio: float, max_share: float = 1.0) -> np.ndarray:
+def guard_vanished(
+    mask: np.ndarray, init: np.ndarray, classes: np.ndarray, ratio: float, max_share: float = 1.0,
+    support=None, threshold: float = 0.0,
+) -> np.ndarray:
     """Restore M_init's region of a minor class that rebalancing made vanish (our addition).
 
     A class k of M_init covering less than ``max_share`` of M_init's labelled pixels vanished
     when ``|{mask = k} & {init = k}| < ratio * |{init = k}|``; its M_init region is then
-    written back, as Step 1 restores lost tags into the base mask. The M_init regions are
-    disjoint, so the order of classes does not matter.
+    written back, as Step 1 restores lost tags into the base mask. With ``threshold`` > 0
+    only the pixels of that region where the class's own heat map reaches ``threshold`` are
+    written back: ``support(slot)`` gives the H x W upsampled heat map of ``classes[slot]``
+    (a callable, so the batched executor moves a map to the host only for a guarded class).
+    M_init's region of a minor class is often a blob two to five times the object; its heat
+    map marks the part that looks like the class. The M_init regions are disjoint, so the
+    order of classes does not matter.
     """
     out = mask.copy()
     labelled = int((init != IGNORE).sum())
-    for k in classes.tolist():
+    for slot, k in enumerate(classes.tolist()):
         region = init == k
         size = int(region.sum())
         if size and size < max_share * labelled and int((mask[region] == k).sum()) < ratio * size:
+            if threshold > 0 and support is not None:
+                region &= np.asarray(support(slot)) >= threshold
             out[region] = k
     return out

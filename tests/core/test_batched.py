@@ -195,7 +195,9 @@ def refine_all(cases, params, device, prototypes=None):
 
 ROWS = {"full": DHRParams(), "groups": DHRParams(tau=0.5, cap=CapMode.majority), "area-init": DHRParams(marginal_init=Marginal.area),
         "row4": DHRParams(steps=Steps.row(4)), "row6": DHRParams(steps=Steps.row(6)), "row2": DHRParams(steps=Steps.row(2)),
-        "guard": DHRParams(guard=0.7)}
+        # guard 1.0: every class Steps 2-3 moved at all is guarded, so these scenes exercise it (at the default
+        # 0.5 no class of theirs is); with its heat-map support (default) and whole regions
+        "guard": DHRParams(guard=1.0), "guard-whole-region": DHRParams(guard=1.0, guard_support=0.0)}
 
 
 @pytest.mark.parametrize("name", list(ROWS))

@@ -45,6 +45,31 @@ def test_guard_max_share_protects_only_minor_classes():
     assert (minor[4] == 1).all()  # class 3 is not minor: not guarded
 
 
+def _support():
+    """Heat maps of classes 1, 2, 3 (slots 0-2): class 2's map reaches 0.3 on the top row of its
+    block only (0.3 exactly at (0, 1)), 0.1 elsewhere."""
+    heat = np.full((3, 8, 8), 0.1, dtype=np.float32)
+    heat[1, 0, 0], heat[1, 0, 1] = 0.9, 0.3
+    return heat
+
+
+def test_guard_support_restores_only_where_the_class_heat_reaches_it():
+    init, mask = _masks()
+    heat, asked = _support(), []
+    out = guard_vanished(mask, init, np.array([1, 2, 3]), 0.5, support=lambda slot: asked.append(slot) or heat[slot], threshold=0.3)
+    assert out[0, 0] == 2 and out[0, 1] == 2  # >= the threshold (0.3 itself included): given back
+    assert out[1, 0] == 1 and out[1, 1] == 1  # below it: left as M_dh has them
+    assert (out[4] == 1).all()  # class 3 was not guarded ...
+    assert asked == [1]  # ... and its map was never asked for (the batched executor moves maps lazily)
+
+
+def test_guard_support_zero_gives_back_the_whole_region():
+    init, mask = _masks()
+    whole = guard_vanished(mask, init, np.array([1, 2, 3]), 0.5, support=_support().__getitem__, threshold=0.0)
+    np.testing.assert_array_equal(whole, guard_vanished(mask, init, np.array([1, 2, 3]), 0.5))
+    assert (whole[init == 2] == 2).all()
+
+
 def test_guard_ignores_ignore_pixels_in_the_share():
     init, mask = _masks()
     init = init.copy()
@@ -62,8 +87,8 @@ def test_guard_zero_is_the_papers_step_3(monkeypatch):
     uss = rng.normal(size=(4, 3, 4)).astype(np.float32)
     paper = DHRParams(steps=Steps.row(5), guard=0.0)
     off = rebalance(init, uss=uss, wss=None, params=paper, crf=None).mask
-    on = rebalance(init, uss=uss, wss=None, params=DHRParams(steps=Steps.row(5), guard=1.0), crf=None).mask
-    # with guard 1.0 every class whose M_init region changed at all gets it back ...
+    on = rebalance(init, uss=uss, wss=None, params=DHRParams(steps=Steps.row(5), guard=1.0, guard_support=0.0), crf=None).mask
+    # with guard 1.0 (whole regions) every class whose M_init region changed at all gets it back ...
     assert (on == init).all() and not (off == init).all()  # ... and in this scene Step 3 changed some
     # guard 0 is Step 3 as the paper has it: the guard is never consulted
     monkeypatch.setattr(dhr, "guard_vanished", lambda *a, **k: pytest.fail("guard 0 must not run the guard"))

@@ -14,7 +14,8 @@ def test_defaults_are_algorithm_md():
     assert (p.gamma, p.rho, p.tau) == (1.0, 0.5, 0.8)
     assert p.cap is CapMode.soft
     assert p.marginal_init is Marginal.uniform and p.marginal_rebalance is Marginal.area
-    assert (p.marginal_floor, p.marginal_kl) == (0.01, 0.1)
+    assert (p.marginal_floor, p.marginal_kl) == (0.03, 0.1)  # the floor: 0.01 until 0.3 (our measured change)
+    assert (p.guard, p.guard_support, p.guard_max_share) == (0.5, 0.15, 1.0)  # ours
     assert p.steps == Steps() == ABLATION_ROWS[7]
 
 

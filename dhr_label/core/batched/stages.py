@@ -210,12 +210,14 @@ def heat_maps_stage(states: list[ImageState], params: DHRParams, device, crf=Non
 
 def final_mask(states: list[ImageState], params: DHRParams, device, crf=None) -> None:
     """Step 3.5: H upsampled to each image, CRF 2, class ids; the guard and ignore-below."""
-    marginals = crf.marginals([upsample(s.heat, tuple(s.init.shape)) for s in states])
-    for s, q in zip(states, marginals):
+    ups = [upsample(s.heat, tuple(s.init.shape)) for s in states]
+    marginals = crf.marginals(ups)
+    for s, q, up in zip(states, marginals, ups):
         confidence, winner = q.max(dim=0)
         mask = torch.as_tensor(s.classes, device=device)[winner].to(torch.uint8)
         if params.guard > 0:  # rare and cheap: on the host, with the numpy core's function
-            host = guard_vanished(mask.cpu().numpy(), as_tensor(s.init, "cpu").numpy(), s.classes, params.guard, params.guard_max_share)
+            host = guard_vanished(mask.cpu().numpy(), as_tensor(s.init, "cpu").numpy(), s.classes, params.guard,
+                                  params.guard_max_share, lambda slot, up=up: up[slot].cpu().numpy(), params.guard_support)
             mask = torch.as_tensor(host, device=device)
         if params.ignore_below > 0:
             mask = torch.where(confidence < params.ignore_below, IGNORE, mask).to(torch.uint8)
