@@ -58,7 +58,7 @@ def dask_client(scheduler: str):
         from distributed.comm import parse_address
         from distributed.comm.registry import get_backend
     except ImportError:
-        raise DHRLabelError("--backend dask needs Dask distributed: pip install 'dask[distributed]'") from None
+        raise DHRLabelError("--backend dask needs Dask distributed, the optional dask extra: pip install 'dhr-label[dask]' (or 'dask[distributed]')") from None
     try:
         # A bad scheme is caught here: a Client that fails on it leaves noise at exit.
         get_backend(parse_address(scheduler)[0])
