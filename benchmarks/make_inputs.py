@@ -30,9 +30,10 @@ from pathlib import Path
 
 import h5py
 import numpy as np
+import torch
 
-from dhr_label.core.cap import class_cell_fractions
-from dhr_label.core.resize import resize_bilinear
+from dhr_label.core.cap import cell_fractions
+from dhr_label.core.resize import resize
 from dhr_label.presets import IGNORE_INDEX, PRESETS
 
 
@@ -104,7 +105,13 @@ def _box_blur(maps: np.ndarray) -> np.ndarray:
 def _smooth_field(rng: np.random.Generator, size: tuple[int, int], cells: int = 6) -> np.ndarray:
     """A smooth random field in about [-1, 1] over H x W (bilinear upsampled coarse noise)."""
     coarse = rng.standard_normal((1, cells, cells)).astype(np.float32)
-    return resize_bilinear(coarse, size)[0]
+    return resize(torch.from_numpy(coarse), size)[0].numpy()
+
+
+def class_cell_fractions(truth: np.ndarray, classes: np.ndarray, grid: tuple[int, int]) -> np.ndarray:
+    """Soft CAP weights of ``classes`` on ``grid`` (G x h*w float32), as Steps 2-3 compute them."""
+    weights, _ = cell_fractions([torch.from_numpy(truth)], [classes], [grid], mode="soft")
+    return weights[0].numpy().astype(np.float32)
 
 
 def pick_tags(rng: np.random.Generator, foreground: np.ndarray, count: int, groups: int) -> np.ndarray:
@@ -157,7 +164,7 @@ def scene(rng: np.random.Generator, scale: Scale, colours: np.ndarray, groups: i
 def cams_for(rng: np.random.Generator, truth: np.ndarray, tags: np.ndarray, grid: tuple[int, int]) -> np.ndarray:
     """Raw CAMs ``[K, h, w]``: blurred class fractions, a gain per tag (weak for small
     classes), spill-over and noise, shifted so that raw values go negative as real ones do."""
-    fractions = class_cell_fractions(truth, tags, grid, mode="soft")
+    fractions = class_cell_fractions(truth, tags, grid)
     maps = _box_blur(fractions.reshape(len(tags), *grid))
     share = fractions.mean(axis=1)
     gain = rng.uniform(0.6, 3.0, size=len(tags)) * np.clip(share / 0.05, 0.25, 1.0)
@@ -190,7 +197,7 @@ def features_for(
 ) -> np.ndarray:
     """``[D, h, w]`` float16: the cells' class fractions times the prototypes, plus noise."""
     present = np.unique(truth)
-    fractions = class_cell_fractions(truth, present, grid, mode="soft")  # G x N
+    fractions = class_cell_fractions(truth, present, grid)  # G x N
     feats = prototypes.vectors[present].T @ fractions  # D x N
     feats += noise * rng.standard_normal(feats.shape).astype(np.float32)
     return feats.reshape(-1, *grid).astype(np.float16)

@@ -2,7 +2,7 @@
 
 The command line is ``dhr-label``; in Python:
 
-- :func:`refine` — DHR for one image, numpy arrays in and out;
+- :func:`refine_image` — DHR for one image, numpy arrays in and out (what a CPU worker runs);
 - :func:`refine_batch` — DHR for a batch of images as torch tensors on any device (the paper's
   online use inside a training loop), masks on the device;
 - :func:`dense_crf` — the batched torch DenseCRF alone, a GPU drop-in for the CRF
@@ -12,19 +12,18 @@ The command line is ``dhr-label``; in Python:
   :mod:`dhr_label.core.prototypes` (``image_sums``, ``add_sums``, ``finish``);
 - :class:`Writer` — write cams.h5 / feats.h5 from your own extractor.
 
-The torch-based entries are imported on first use, so the numpy path never pays for torch.
+The torch-based entries are imported on first use, so the commands that need no torch
+(``score``, ``inspect``, ...) never pay for importing it.
 """
 from __future__ import annotations
 
-__version__ = "0.4.0"
-
-from .core.dhr import refine  # noqa: E402
-from .core.prototypes import Prototypes  # noqa: E402
+from ._version import __version__  # noqa: F401
 from .io.writer import Writer  # noqa: E402
 from .params import CapMode, CRFBackend, CRFParams, DHRParams, Marginal, OTParams, Steps  # noqa: E402
 
-_LAZY = {"refine_batch": ("core.batched", "refine_batch"), "dense_crf": ("core.crf.meanfield", "dense_crf"),
-         "BatchCRF": ("core.crf.meanfield", "BatchCRF")}
+_LAZY = {"refine_image": ("core.dhr", "refine_image"), "refine_batch": ("core.dhr", "refine_batch"),
+         "Refinement": ("core.dhr", "Refinement"), "Prototypes": ("core.prototypes", "Prototypes"),
+         "dense_crf": ("core.crf.meanfield", "dense_crf"), "BatchCRF": ("core.crf.meanfield", "BatchCRF")}
 
 
 def __getattr__(name: str):
@@ -37,4 +36,4 @@ def __getattr__(name: str):
 
 
 __all__ = ["__version__", "BatchCRF", "CapMode", "CRFBackend", "CRFParams", "DHRParams", "Marginal", "OTParams",
-           "Prototypes", "Steps", "Writer", "dense_crf", "refine", "refine_batch"]
+           "Prototypes", "Refinement", "Steps", "Writer", "dense_crf", "refine_batch", "refine_image"]

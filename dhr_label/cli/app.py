@@ -47,7 +47,7 @@ _state = {"debug": False}
 
 def _version(value: bool) -> None:
     if value:
-        from .. import __version__
+        from .._version import __version__
 
         print(f"dhr-label {__version__}")
         raise typer.Exit(EXIT_OK)

@@ -12,16 +12,19 @@ gives Steps 2-3 purer centroids without any label.
 Pooling is a map/reduce over images: :func:`image_sums` per image (pure), :func:`add_sums` in a
 fixed order, then :func:`finish`. Features are L2-normalised per cell before pooling, so every
 cell counts alike whatever its feature norm. The blend itself is :func:`~.cap.blend_centroids`
-(numpy or torch, for both executors).
+in Steps 2-3. The sums use the stages' own CAP weights and resize (torch, float64), and are
+returned on the host: pooling is added up there in a fixed order.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 import numpy as np
+import torch
 
-from .cap import blend_centroids, class_cell_fractions, l2_normalise
-from .resize import resize_bilinear
+from .cap import cell_fractions
+from .resize import resize_adjoint, resized_norms
+from .tensors import WORK, to_device, to_host
 
 Sums = list[tuple[np.ndarray, np.ndarray]]  # per source: (C x D feature sums, C masses), float64
 
@@ -47,16 +50,16 @@ class Prototypes:
         return self.uss.shape[0]
 
 
-def image_sums(mask: np.ndarray, uss: np.ndarray, wss: list[np.ndarray] | None, num_classes: int) -> Sums:
+def image_sums(mask, uss, wss: list | None, num_classes: int) -> Sums:
     """The map step for one image: per feature source, the soft-CAP-weighted sums of the
     L2-normalised cell features of every class of ``mask``, and the weights' mass.
 
     Parameters
     ----------
-    mask : ndarray, shape (H, W), uint8
+    mask : ndarray or tensor, shape (H, W), uint8
         The class regions to pool (255 = ignore); refine uses the base mask.
-    uss : ndarray, shape (D_us, h, w)
-    wss : list of ndarray, each (D_l, h_l, w_l), optional
+    uss : ndarray or tensor, shape (D_us, h, w)
+    wss : list of ndarray or tensor, each (D_l, h_l, w_l), optional
         Resized to the USS grid first, as Step 3.2 does.
     num_classes : int
         C: row c of every result is class id c.
@@ -71,12 +74,18 @@ def image_sums(mask: np.ndarray, uss: np.ndarray, wss: list[np.ndarray] | None, 
     >>> [(s.round(3).tolist(), m.tolist()) for s, m in image_sums(np.array([[0, 1]], np.uint8), uss, None, 2)]
     [([[0.6, 0.8], [0.0, 1.0]], [1.0, 1.0])]
     """
-    grid = uss.shape[1:]
-    weights = class_cell_fractions(mask, np.arange(num_classes), grid, mode="soft").astype(np.float64)
+    device = uss.device if isinstance(uss, torch.Tensor) else "cpu"
+    grid = tuple(uss.shape[1:])
+    weights = cell_fractions([to_device(mask, device)], [np.arange(num_classes)], [grid], mode="soft")[0]
+    weights = weights.reshape(1, num_classes, *grid)
     out = []
-    for source in [uss] + [resize_bilinear(layer, grid) for layer in (wss or [])]:
-        unit = l2_normalise(source.reshape(source.shape[0], -1).astype(np.float64), 0)
-        out.append((weights @ unit.T, weights.sum(axis=1)))
+    for source in [uss] + list(wss or []):
+        features = to_device(source, device, WORK)[None]
+        # Sum over the cells of the source resized to the USS grid, each cell L2-normalised:
+        # its weight divided by its norm, taken back to the source's own grid (resize_adjoint).
+        scaled = weights / resized_norms(features, grid)[:, None].clamp(min=1e-8)
+        sums = resize_adjoint(scaled, features.shape[-2:]).flatten(2) @ features.flatten(2).mT
+        out.append((to_host(sums[0]), to_host(weights[0].sum(dim=(1, 2)))))
     return out
 
 
@@ -97,4 +106,4 @@ def finish(sums: Sums) -> Prototypes:
     return Prototypes(uss=means[0], wss=tuple(means[1:]))
 
 
-__all__ = ["Prototypes", "add_sums", "blend_centroids", "finish", "image_sums"]
+__all__ = ["Prototypes", "add_sums", "finish", "image_sums"]

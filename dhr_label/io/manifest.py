@@ -60,7 +60,7 @@ def describe_file(path: Path | None) -> dict | None:
 
 def environment() -> dict:
     """Tool and platform versions, for reproducibility."""
-    from .. import __version__
+    from .._version import __version__
 
     return {
         "tool": "dhr-label",

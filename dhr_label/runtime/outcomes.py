@@ -114,6 +114,7 @@ def capped_notes(texts: list[str]) -> list[str]:
     return notes
 
 
-def warning_notes(caught: list[warnings.WarningMessage]) -> list[str]:
-    """Warnings raised while an image ran (e.g. an OT that did not converge), as its notes."""
-    return capped_notes([f"{w.category.__name__}: {w.message}" for w in caught])
+def warning_notes(caught: list[warnings.WarningMessage], recorded: list[str] = ()) -> list[str]:
+    """Warnings raised while an image ran and those its stages recorded (e.g. an OT that did
+    not converge), as its notes."""
+    return capped_notes([f"{w.category.__name__}: {w.message}" for w in caught] + list(recorded))

@@ -23,10 +23,10 @@ from pathlib import Path
 
 import numpy as np
 
-from ..core.crf import image_crf
-from ..core.dhr import STAGES, run_stages
-from ..core.pipeline import ImageState, Stage, advance, start
+from ..core.pipeline import ImageState, Stage, new_state, resume, start, step1_settings
 from ..core.prototypes import Prototypes
+from ..core.stages import CRFCache, run_stages
+from ..core.tensors import to_host
 from ..errors import DHRLabelError, FileLevelError, InputError
 from ..io.atomic import write_bytes_atomic
 from ..io.contract import CamsFile, FeatsFile, check_id
@@ -35,7 +35,7 @@ from ..io.inputs import load_inputs
 from ..io.masks import read_mask
 from ..metrics import confusion_matrix, vanished_classes
 from ..metrics.crossval import CrossValidation, Tally, assign_folds, cross_validate, scores, sum_tallies
-from ..params import DHRParams, Marginal
+from ..params import DHRParams
 from ..presets import Preset, check_agreement, preset_from_classes
 from .outcomes import DONE, FAILED, ImageResult, failure
 from .parallel import chunked, default_workers, map_chunks
@@ -47,17 +47,6 @@ from .signals import become_worker
 STATE = "tune.json"
 STATE_FORMAT = "dhr-label/tune"
 PARAMS_FORMAT = "dhr-label/params"
-
-
-def step1_key(params: DHRParams) -> str:
-    """What decides Step 1 (and its CRF): settings with the same key share one Step 1."""
-    relevant = {
-        "ot": params.ot, "crf": params.crf, "init": params.steps.init, "step_ot": params.steps.ot,
-        "step_crf": params.steps.crf, "gamma": params.gamma, "rho": params.rho, "marginal_init": params.marginal_init,
-        "floor": params.marginal_floor if params.marginal_init is Marginal.area else None,
-        "kl": params.marginal_kl if params.marginal_init is Marginal.unbalanced else None,
-    }
-    return repr(sorted(relevant.items()))
 
 
 @dataclass(frozen=True)
@@ -116,23 +105,19 @@ def _variants(job: TuneJob, image_id: str) -> dict[str, np.ndarray]:
         raise InputError(image_id, str(gt_path), f"expected the image's size {inputs.image.shape[:2]}, found {gt.shape}")
     v, c = len(job.variants), job.num_classes
     out = {"confusion": np.zeros((v, c, c + 1), np.int64), "eligible": np.zeros((v, c), bool), "vanished": np.zeros((v, c), bool)}
-    seeds: dict[str, tuple[ImageState, object]] = {}
+    seeds: dict[tuple, tuple[ImageState, CRFCache]] = {}
+    fresh = new_state(inputs.cam, inputs.labels, inputs.image, inputs.base, inputs.uss, inputs.wss, job.background,
+                      job.prototypes, device="cpu")
     for index, params in enumerate(job.variants):
-        state = start(ImageState(inputs.cam, inputs.labels, inputs.image, inputs.base, inputs.uss, inputs.wss, job.background,
-                                 job.prototypes), params)
+        state = start(dataclasses.replace(fresh), params)
         if state.next is not None:
-            key = step1_key(params)
+            key = step1_settings(params)
             if key not in seeds:  # Step 1 once per Step-1 setting (the key holds the CRF's too)
-                crf = image_crf(inputs.image, params.crf)
-                STAGES[Stage.SEED_SCORES](state, params, crf)
-                STAGES[Stage.SEED_MASK](state, params, crf)
-                seeds[key] = (state, crf)
-            seed, crf = seeds[key]
-            state = dataclasses.replace(seed, warnings=[], timings={})
-            state.next = Stage.SEED_MASK  # the stage just run: advance decides with this variant
-            advance(state, params)
-            run_stages(state, params, crf)
-        confusion = confusion_matrix(state.mask, gt, num_classes=c, ignore_index=255)
+                crfs = CRFCache(params.crf)
+                seeds[key] = (run_stages([state], params, crfs=crfs, until=Stage.HEAT_MAPS)[0], crfs)
+            seeded, crfs = seeds[key]
+            state = run_stages([resume(seeded, params)], params, crfs=crfs)[0]
+        confusion = confusion_matrix(to_host(state.mask), gt, num_classes=c, ignore_index=255)
         out["confusion"][index] = confusion
         out["eligible"][index], out["vanished"][index] = vanished_classes(confusion)
     return out

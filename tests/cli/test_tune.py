@@ -10,7 +10,8 @@ from helpers_h5 import last_run, make_dataset, run_refine
 from typer.testing import CliRunner
 
 from dhr_label.cli import app
-from dhr_label.core import dhr
+from dhr_label.core import stages
+from dhr_label.core.pipeline import Stage
 from dhr_label.io.masks import write_mask
 from dhr_label.metrics.crossval import Tally, assign_folds, cross_validate
 from dhr_label.presets import PRESETS
@@ -69,8 +70,8 @@ def test_params_json_round_trips_through_refine(labelled, tmp_path):
 def test_step_1_runs_once_per_step_1_setting(labelled, tmp_path, monkeypatch):
     data, gt = labelled
     calls = []
-    real = dhr.seed_mask
-    monkeypatch.setattr(dhr, "seed_mask", lambda *a, **k: calls.append(1) or real(*a, **k))
+    real = stages.STAGES[Stage.SEED_MASK]
+    monkeypatch.setitem(stages.STAGES, Stage.SEED_MASK, lambda states, *a, **k: calls.append(len(states)) or real(states, *a, **k))
     result = tune(data, gt, tmp_path / "tune", "--grid", "tau=0.5,0.7,0.9", "--grid", "marginal-floor=0.01,0.05")
     assert result.exit_code == 0, result.stderr
     assert len(calls) == 6  # six images, one Step 1 each for six Steps 2-3 variants

@@ -68,9 +68,10 @@ def test_all_problems_are_reported_at_once():
         DHRParams(rho=2.0, tau=2.0, gamma=-1.0)
 
 
-def test_boundary_values_are_accepted():
-    DHRParams(rho=0.0, tau=1.0, crf=CRFParams(iterations=0), marginal_floor=1e-9)
-    DHRParams(rho=1.0, tau=0.0)
+def test_boundary_values_are_accepted_and_kept():
+    low = DHRParams(rho=0.0, tau=1.0, crf=CRFParams(iterations=0), marginal_floor=1e-9)
+    high = DHRParams(rho=1.0, tau=0.0)
+    assert (low.rho, low.tau, low.crf.iterations, low.marginal_floor, high.rho, high.tau) == (0.0, 1.0, 0, 1e-9, 1.0, 0.0)
 
 
 def test_frozen_and_replace_validates():
@@ -89,3 +90,10 @@ def test_to_dict_is_plain_json():
     assert d["cap"] == "majority" and d["marginal_rebalance"] == "unbalanced"
     assert d["steps"] == {"init": True, "ot": True, "crf": True, "uss": True, "wss": True}
     assert d["crf"]["bilateral_sxy"] == 67.0 and d["ot"]["eps"] == 0.1
+
+
+@pytest.mark.parametrize("name", ["prototype_weight", "wss_heat_weight"])
+@pytest.mark.parametrize("value", [-0.1, 1.1])
+def test_our_weights_are_checked(name, value):
+    with pytest.raises(ValueError, match=r"\[0, 1\]"):
+        DHRParams(**{name: value})

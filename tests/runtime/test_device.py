@@ -12,7 +12,7 @@ from PIL import Image
 
 torch = pytest.importorskip("torch")
 
-from dhr_label.core import batched as batched_module  # noqa: E402
+from dhr_label.core import stages as stages_module  # noqa: E402
 from dhr_label.io.contract import CamsFile  # noqa: E402
 from dhr_label.params import CRFBackend, CRFParams, DHRParams, Steps  # noqa: E402
 from dhr_label.presets import preset_from_classes  # noqa: E402
@@ -95,14 +95,14 @@ def test_an_image_the_device_cannot_take_fails_alone(dataset, tmp_path, device, 
     _, ids, _ = dataset
     with CamsFile.open(dataset[0] / "cams.h5") as cams:
         bad_cam, _ = cams.read_cam(ids[2])
-    real = batched_module.run_batch
+    real = stages_module.run_stages
 
-    def failing(states, params, device):  # stands for a device error on one image of the batch
-        if any(np.array_equal(np.asarray(s.cam), bad_cam) for s in states):
+    def failing(states, params, **kwargs):  # stands for a device error on one image of the batch
+        if any(np.array_equal(s.cam.cpu().numpy(), bad_cam) for s in states):
             raise ValueError("device maths failed")
-        return real(states, params, device)
+        return real(states, params, **kwargs)
 
-    monkeypatch.setattr(batched_module, "run_batch", failing)
+    monkeypatch.setattr(stages_module, "run_stages", failing)
     results = on_device(job_for(dataset, tmp_path / "dev"), ids, device, batch_pixels=1 << 30)
     assert results[ids[2]].status == FAILED
     assert results[ids[2]].reason.startswith("internal error ValueError: device maths failed")
@@ -112,15 +112,15 @@ def test_an_image_the_device_cannot_take_fails_alone(dataset, tmp_path, device, 
 def test_out_of_memory_halves_the_batch_and_changes_no_mask(dataset, tmp_path, device, monkeypatch):
     _, ids, _ = dataset
     on_device(job_for(dataset, tmp_path / "plain"), ids, device, batch_pixels=1 << 30)
-    real, sizes = batched_module.run_batch, []
+    real, sizes = stages_module.run_stages, []
 
-    def small_memory(states, params, device):  # a device that holds two images at most
+    def small_memory(states, params, **kwargs):  # a device that holds two images at most
         sizes.append(len(states))
         if len(states) > 2:
             raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
-        return real(states, params, device)
+        return real(states, params, **kwargs)
 
-    monkeypatch.setattr(batched_module, "run_batch", small_memory)
+    monkeypatch.setattr(stages_module, "run_stages", small_memory)
     results = on_device(job_for(dataset, tmp_path / "halved"), ids, device, batch_pixels=1 << 30)
     assert all(r.status == DONE for r in results.values())
     assert sizes == [8, 4, 2, 2, 4, 2, 2]  # halved, down to what fits, each half in turn
@@ -129,17 +129,17 @@ def test_out_of_memory_halves_the_batch_and_changes_no_mask(dataset, tmp_path, d
 
 def test_an_image_that_does_not_fit_alone_fails_alone(dataset, tmp_path, device, monkeypatch):
     _, ids, _ = dataset
-    real = batched_module.run_batch
+    real = stages_module.run_stages
     huge = ids[3]
     with CamsFile.open(dataset[0] / "cams.h5") as cams:
         huge_cam, _ = cams.read_cam(huge)
 
-    def tight(states, params, device):
-        if any(np.array_equal(np.asarray(s.cam), huge_cam) for s in states):
+    def tight(states, params, **kwargs):
+        if any(np.array_equal(s.cam.cpu().numpy(), huge_cam) for s in states):
             raise torch.OutOfMemoryError("CUDA out of memory")
-        return real(states, params, device)
+        return real(states, params, **kwargs)
 
-    monkeypatch.setattr(batched_module, "run_batch", tight)
+    monkeypatch.setattr(stages_module, "run_stages", tight)
     results = on_device(job_for(dataset, tmp_path / "dev"), ids, device, batch_pixels=1 << 30)
     assert results[huge].status == FAILED
     assert "the device ran out of memory for this image alone" in results[huge].reason

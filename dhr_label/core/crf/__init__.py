@@ -1,9 +1,10 @@
 """DenseCRF R_C (Krähenbühl & Koltun 2011) as DHR uses it, with two backends.
 
-``pydensecrf`` (:mod:`.pydense`) wraps Krähenbühl's C++; ``torch`` (:mod:`.meanfield`,
-:mod:`.lattice`) is ours, the same model on the permutohedral lattice in PyTorch, batched over
-images, on any device. :func:`image_crf` gives the CRF of one image for the chosen backend;
-both keep the image's lattice for every later call (DHR's two passes).
+``pydensecrf`` (:mod:`.pydense`) wraps Krähenbühl's C++ (CPU, one image at a time); ``torch``
+(:mod:`.meanfield`, :mod:`.lattice`) is ours, the same model on the permutohedral lattice in
+PyTorch, batched over images, on any device. :func:`image_crfs` gives the CRFs of a batch of
+images for the chosen backend behind one interface (:class:`ImageCRFs`); both keep the images'
+lattices for every later call (DHR's two passes).
 """
 from __future__ import annotations
 
@@ -14,53 +15,29 @@ import numpy as np
 from ...params import CRFBackend, CRFParams
 
 
-class ImageCRF(Protocol):
-    """The DenseCRF of one image, reusable for several label maps."""
-
-    height: int
-    width: int
-
-    def marginals(self, probs: np.ndarray) -> np.ndarray:
-        """Mean-field marginals Q (C x H x W float32) for channel values ``probs`` (C x H x W)."""
-
-    def labels(self, probs: np.ndarray) -> np.ndarray:
-        """Index of the winning channel per pixel, H x W int64."""
-
-
-def image_crf(image: np.ndarray, params: CRFParams) -> ImageCRF:
-    """The CRF of ``image`` (H x W x 3 uint8) with ``params.backend``."""
-    if params.backend is CRFBackend.torch:
-        from .torch_image import TorchImageCRF
-
-        return TorchImageCRF(image, params)
-    from .pydense import PydenseCRF
-
-    return PydenseCRF(image, params)
-
-
-class BatchCRF(Protocol):
+class ImageCRFs(Protocol):
     """The DenseCRFs of a batch of images (tensors on one device), reusable for several calls."""
 
     def marginals(self, probs: list) -> list:
-        """Per image, the marginals Q (C_b x H_b x W_b float32) for ``probs`` of that shape."""
+        """Per image, the marginals Q (C_b x H_b x W_b float32) for ``probs`` of that shape
+        (float32 tensors on the images' device; the unary is ``-log(max(p, unary_clip))``)."""
 
 
-def batch_crf(images: list, params: CRFParams, device) -> BatchCRF:
+def image_crfs(images: list, params: CRFParams, device) -> ImageCRFs:
     """The CRFs of ``images`` (H x W x 3 uint8 each, numpy or tensors) on ``device``.
 
-    ``torch``: one batched lattice per kernel for the whole batch (:mod:`.meanfield`).
-    ``pydensecrf``: one pydensecrf model per image on the host (CPU tensors only); the batched
-    executor then computes the same masks as the one-image executor, which the tests use.
+    ``torch``: one batched lattice per kernel for the whole batch (:class:`.meanfield.BatchCRF`).
+    ``pydensecrf``: one pydensecrf model per image on the host (CPU tensors only).
     """
     if params.backend is CRFBackend.torch:
-        from .meanfield import BatchCRF as TorchBatchCRF
+        from .meanfield import BatchCRF
 
-        return TorchBatchCRF(images, params, device=device)
-    return _PerImage(images, params)
+        return BatchCRF(images, params, device=device)
+    return PydenseCRFs(images, params)
 
 
-class _PerImage:
-    """pydensecrf for each image of a batch, on the host."""
+class PydenseCRFs:
+    """pydensecrf for each image of a batch, on the host, behind :class:`ImageCRFs`."""
 
     def __init__(self, images: list, params: CRFParams):
         from .pydense import PydenseCRF
@@ -70,11 +47,11 @@ class _PerImage:
     def marginals(self, probs: list) -> list:
         import torch
 
-        return [torch.as_tensor(crf.marginals(_host(p)), device=p.device) for crf, p in zip(self._crfs, probs)]
+        return [torch.from_numpy(crf.marginals(_host(p))).to(p.device) for crf, p in zip(self._crfs, probs)]
 
 
 def _host(array) -> np.ndarray:
-    return array.cpu().numpy() if hasattr(array, "cpu") else np.asarray(array)
+    return array.detach().cpu().numpy() if hasattr(array, "detach") else np.asarray(array)
 
 
-__all__ = ["BatchCRF", "ImageCRF", "batch_crf", "image_crf"]
+__all__ = ["ImageCRFs", "PydenseCRFs", "image_crfs"]

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 
-from ...core.dhr import refine
+from ...core.dhr import refine_image
 from ...core.prototypes import Prototypes
 from ...io.contract import CamsFile, FeatsFile, check_id
 from ...io.inputs import ImageInputs, load_inputs
@@ -112,15 +112,15 @@ def refine_one(job: RefineJob, image_id: str) -> ImageResult:
             warnings.simplefilter("always")
             inputs = _files(job).read(image_id)
             read = time.perf_counter() - start
-            state = refine(
+            done = refine_image(
                 inputs.cam, inputs.labels, image=inputs.image, base=inputs.base, uss=inputs.uss, wss=inputs.wss,
                 background=job.background, params=job.params, prototypes=job.prototypes,
             )
     except Exception as exc:  # noqa: BLE001 - one bad image must not stop the run
         return failure(image_id, exc, cams=job.cams, seconds=time.perf_counter() - start)
     return job.target.finish(
-        image_id, state.mask, started=start, notes=inputs.notes + warning_notes(caught),
-        timings={"read": read, **state.timings}, restored=state.restored,
+        image_id, done.mask, started=start, notes=inputs.notes + warning_notes(caught, done.warnings),
+        timings={"read": read, **done.timings}, restored=done.restored,
     )
 
 

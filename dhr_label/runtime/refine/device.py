@@ -25,7 +25,6 @@ from functools import partial
 
 import numpy as np
 
-from ...core.pipeline import ImageState, start
 from ...io.inputs import ImageInputs
 from ..outcomes import ImageResult, capped_notes, failure
 from ..parallel import chunked, map_ordered
@@ -102,7 +101,7 @@ def _submit(solved, job: RefineJob, pool: ThreadPoolExecutor, writes: deque) -> 
         if isinstance(outcome, ImageResult):
             yield outcome
             continue
-        mask = outcome.mask if isinstance(outcome.mask, np.ndarray) else outcome.mask.cpu().numpy()  # row 1: the base
+        mask = outcome.mask.cpu().numpy()
         notes = item.inputs.notes + capped_notes(outcome.warnings)
         timings = {"read": item.read, **outcome.timings}
         writes.append(pool.submit(
@@ -111,18 +110,19 @@ def _submit(solved, job: RefineJob, pool: ThreadPoolExecutor, writes: deque) -> 
         ))
 
 
-def _solve(items: list[_Item], job: RefineJob, device) -> list[tuple[_Item, ImageState | ImageResult, float]]:
+def _solve(items: list[_Item], job: RefineJob, device) -> list[tuple[_Item, object, float]]:
     """Run a batch; on failure retry as the module says. Per item: its state (or failed
     result) and its share of the device seconds."""
     import torch
 
-    from ...core.batched import run_batch  # here: importing this module must not import torch (readers)
+    from ...core.pipeline import start  # here: importing this module must not import torch (readers)
+    from ...core.stages import run_stages
 
     out_of_memory = getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError)
     t = time.perf_counter()
     try:
-        states = [start(_state(item.inputs, job), job.params) for item in items]
-        run_batch(states, job.params, device)
+        states = [start(_state(item.inputs, job, device), job.params) for item in items]
+        run_stages(states, job.params)
     except out_of_memory as exc:
         _free(device)
         if len(items) == 1:
@@ -141,8 +141,11 @@ def _solve(items: list[_Item], job: RefineJob, device) -> list[tuple[_Item, Imag
     return [(item, state, share) for item, state in zip(items, states)]
 
 
-def _state(inputs: ImageInputs, job: RefineJob) -> ImageState:
-    return ImageState(inputs.cam, inputs.labels, inputs.image, inputs.base, inputs.uss, inputs.wss, job.background, job.prototypes)
+def _state(inputs: ImageInputs, job: RefineJob, device):
+    from ...core.pipeline import new_state
+
+    return new_state(inputs.cam, inputs.labels, inputs.image, inputs.base, inputs.uss, inputs.wss, job.background,
+                     job.prototypes, device=device)
 
 
 def _free(device) -> None:

@@ -15,7 +15,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ... import __version__
+from ..._version import __version__
 from ...io.ids import mask_files
 from ...io.manifest import manifest_files, read_manifest
 from ...io.masks import read_provenance
