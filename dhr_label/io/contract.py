@@ -23,6 +23,8 @@ SUPPORTED_VERSIONS = (1,)
 INCOMPLETE_ATTR = "dhr_label_incomplete"
 ID_PATTERN = re.compile(r"^[A-Za-z0-9_.\-]+$")
 _FLOAT_KINDS = ("f",)
+#: What an input file with no image group is told (refine and tune stop on it, inspect lists it).
+EMPTY = "holds no image (no group at its root): nothing to refine; was it written to the end (dhr-label pack, dhr_label.Writer)?"
 
 
 def check_id(image_id: str, source: str) -> None:
@@ -159,6 +161,19 @@ class _ContractFile:
 
     def __contains__(self, image_id: str) -> bool:
         return image_id in self._h5
+
+    def has(self, image_id: str, name: str) -> bool:
+        """Whether the group of ``image_id`` holds ``name`` (no data read)."""
+        group = self._h5.get(image_id)
+        return isinstance(group, h5py.Group) and name in group
+
+    def require_images(self) -> list[str]:
+        """:meth:`ids`, or a :class:`FileLevelError` when the file holds none: a valid file with
+        no image is an unfinished or wrong input, never a dataset to report "done" on."""
+        ids = self.ids()
+        if not ids:
+            raise FileLevelError(f"{self.what} file {self.path} {EMPTY}")
+        return ids
 
     def summary(self) -> dict:
         """Path, size, ``format``, ``version`` and group count of the file (no dataset read)."""

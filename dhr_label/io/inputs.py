@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from ..errors import InputError
+from ..errors import FileLevelError, InputError
 from .contract import CamsFile, FeatsFile, as_rgb_uint8, check_label_map
 from .masks import read_mask
 
@@ -76,6 +76,24 @@ def check_grid(image_id: str, source: str, grid: tuple[int, int], size: tuple[in
             f"a {grid[0]} x {grid[1]} map does not fit the aspect ratio of the "
             f"{size[0]} x {size[1]} image (expected h/w = {size[0] / size[1]:.3f} within one cell)",
         )
+
+
+def check_image_source(cams: CamsFile, ids: list[str], images_dir: Path | None) -> None:
+    """Raise one :class:`FileLevelError` when none of ``ids`` has an image where refine looks
+    (``images_dir``, else the cams file's ``image`` datasets), instead of one failure per image.
+
+    Costs one lookup when the first id has its image; all of them only when it has none.
+    """
+    if images_dir is not None:
+        found = lambda i: find_image(Path(images_dir), i) is not None  # noqa: E731
+        where = f"the --images directory {images_dir} holds no <id>.jpg|.jpeg|.png of them"
+    else:
+        found = lambda i: cams.has(i, "image")  # noqa: E731
+        where = f"the cams file {cams.path} holds no image dataset for them and no --images DIR was given"
+    if not ids or any(found(i) for i in ids):  # stops at the first image found
+        return
+    raise FileLevelError(f"no image for any of the {len(ids)} selected ids (first: {ids[0]}): {where}; "
+                         "the DenseCRF needs the images: give --images DIR")
 
 
 def load_inputs(
