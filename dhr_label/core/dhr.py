@@ -12,6 +12,7 @@ import numpy as np
 
 from ..params import DHRParams
 from .cap import class_cell_fractions, heat_maps, minmax_rows
+from .checks import check_image_inputs
 from .crf import ImageCRF, image_crf
 from .ot import f_ot
 from .pipeline import (
@@ -269,7 +270,14 @@ def refine(
     ImageState
         ``mask`` (H x W uint8), and on the way ``init`` (M_init), ``seed``, ``restored``,
         ``groups``, ``confidence``, ``timings``.
+
+    Raises
+    ------
+    ValueError
+        For inputs the command line would refuse (:func:`~.checks.check_image_inputs`), naming
+        the argument, expected vs found.
     """
+    check_image_inputs(cam, labels, image=image, base=base, uss=uss, wss=wss, background=background, params=params, prototypes=prototypes)
     state = start(ImageState(cam, np.asarray(labels), image, base, uss, wss, background, prototypes), params)
     if state.next is not None and crf is None:
         crf = image_crf(image, params.crf)

@@ -14,6 +14,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 
+from ..core.checks import tags_problem
 from ..errors import FileLevelError, InputError
 
 FORMAT_CAMS = "dhr-label/cams"
@@ -332,20 +333,9 @@ class CamsFile(_ContractFile):
         if node.dtype.kind not in "iu":
             raise InputError(image_id, source, f"expected an integer dtype, found {node.dtype}")
         labels = np.asarray(self._read(image_id, node, "labels"), dtype=np.int64)
-        if labels.shape[0] != k:
-            raise InputError(
-                image_id, source, f"expected {k} tags (one per cam channel), found {labels.shape[0]}"
-            )
-        if labels.min() < 0 or labels.max() >= self.num_classes:
-            raise InputError(
-                image_id, source, f"expected class ids in [0, {self.num_classes}), found {labels.tolist()}"
-            )
-        if np.any(np.diff(labels) <= 0):
-            raise InputError(image_id, source, f"expected unique ascending tags, found {labels.tolist()}")
-        if self.background is not None and self.background in labels:
-            raise InputError(
-                image_id, source, f"tags must not include the background id {self.background}, found {labels.tolist()}"
-            )
+        problem = tags_problem(labels.tolist(), channels=k, num_classes=self.num_classes, background=self.background)
+        if problem is not None:
+            raise InputError(image_id, source, problem)
         return labels
 
     def read_base(self, image_id: str) -> np.ndarray | None:

@@ -3,7 +3,7 @@ masks, reused on resume, read from a file; masks that depend neither on the work
 the selection."""
 import numpy as np
 import pytest
-from helpers_h5 import last_run, make_dataset, make_records, masks_in, pixels_in, run_refine
+from helpers_h5 import last_run, make_dataset, make_records, masks_in, pixels_in, read_json, run_refine
 
 from dhr_label.core.prototypes import Prototypes, add_sums, finish, image_sums
 from dhr_label.io.contract import CamsFile, FeatsFile
@@ -153,3 +153,23 @@ def test_the_summary_says_why_images_were_not_pooled(tmp_path):
             "features could not be read: refining it fails and says why)") in " ".join(result.stderr.split())
     record = last_run(out)["prototypes"]
     assert (record["images"], record["skipped"], record["unreadable"]) == (2, 2, 1)
+
+
+def test_the_api_gives_the_clis_masks_given_the_same_prototypes(data, pooled):
+    # The README's promise: dhr_label.refine equals refine's masks when it gets the prototypes the
+    # command line pooled (from every base mask of the cams file) and its parameters.
+    from PIL import Image
+    from threadpoolctl import threadpool_limits
+
+    import dhr_label
+    from dhr_label import DHRParams
+
+    out, _ = pooled
+    prototypes, _ = load(out / FILE_NAME, num_classes=len(data.classes), wss=True)
+    params = DHRParams.from_dict(read_json(out / "dhr-label-manifest.json")["parameters"])
+    with CamsFile.open(data.cams) as cams, FeatsFile.open(data.feats) as feats, threadpool_limits(limits=1):
+        for image_id in data.ids[:4]:
+            i = load_inputs(image_id, cams, feats, uss=True, wss=True)
+            state = dhr_label.refine(i.cam, i.labels, image=i.image, base=i.base, uss=i.uss, wss=i.wss,
+                                     background=data.background, params=params, prototypes=prototypes)
+            np.testing.assert_array_equal(state.mask, np.asarray(Image.open(out / f"{image_id}.png")), err_msg=image_id)

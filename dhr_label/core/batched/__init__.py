@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 from ...params import DHRParams
+from ..checks import check_batch_inputs
 from ..crf import batch_crf
 from ..pipeline import ImageState, Stage, advance, start
 from .stages import final_mask, heat_maps_stage, seed_mask, seed_scores
@@ -103,17 +104,21 @@ def refine_batch(
         ``state.mask`` is the H x W uint8 mask on ``device``; ``init``, ``restored``,
         ``groups``, ``confidence`` and ``warnings`` are filled in on the way.
 
+    Raises
+    ------
+    ValueError
+        For inputs the command line would refuse (:func:`~dhr_label.core.checks.check_image_inputs`),
+        naming the image, the argument, expected vs found.
+
     Examples
     --------
     >>> states = refine_batch(cams, labels, images, bases=bases, uss=uss, wss=wss,
     ...                       background=0, params=DHRParams(crf=CRFParams(backend="torch")))
     >>> masks = torch.stack([s.mask for s in states])  # doctest: +SKIP
     """
+    check_batch_inputs(cams, labels, images, bases=bases, uss=uss, wss=wss, background=background, params=params, prototypes=prototypes)
     device = torch.device(device) if device is not None else cams[0].device
     n = len(cams)
-    for name, values in (("labels", labels), ("images", images), ("bases", bases), ("uss", uss), ("wss", wss)):
-        if values is not None and len(values) != n:
-            raise ValueError(f"{name}: expected one entry per image ({n}), found {len(values)}")
     states = [
         start(ImageState(
             cams[b], _host_labels(labels[b]), images[b], None if bases is None else bases[b],
