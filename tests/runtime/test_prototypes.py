@@ -155,6 +155,7 @@ def test_the_summary_says_why_images_were_not_pooled(tmp_path):
     assert (record["images"], record["skipped"], record["unreadable"]) == (2, 2, 1)
 
 
+@pytest.mark.filterwarnings("ignore::dhr_label.core.ot.OTConvergenceWarning")  # tiny scenes; the CLI notes them alike
 def test_the_api_gives_the_clis_masks_given_the_same_prototypes(data, pooled):
     # The README's promise: dhr_label.refine equals refine's masks when it gets the prototypes the
     # command line pooled (from every base mask of the cams file) and its parameters.
