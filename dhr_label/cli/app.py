@@ -14,10 +14,10 @@ import traceback
 from pathlib import Path
 
 import typer
-from typer.core import TyperGroup
 from rich.console import Console, ConsoleDimensions
 from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from typer.core import TyperGroup
 
 from ..errors import DHRLabelError
 

@@ -19,17 +19,7 @@ from ..metrics.report import ScoreRun, compare_report, score_report
 from ..presets import IGNORE_INDEX, Preset, preset_from_classes, resolve_preset
 from ..runtime.outdir import check_writable
 from ..runtime.parallel import default_workers
-from ..runtime.score import (
-    Matching,
-    first_ids,
-    ground_truth,
-    made_ids,
-    match,
-    missing_error,
-    score_pairs,
-    select,
-    settings_mix,
-)
+from ..runtime.score import Matching, first_ids, ground_truth, made_ids, match, missing_error, score_pairs, select, settings_mix
 from ..visual import encode_png, render_confusion
 from .app import DEFAULT_MASKS_DIR, app, err_console, guarded, out_console, percent, print_json, progress_bar, usage_error
 
@@ -244,7 +234,8 @@ def _print_comparison(comparison: dict, report: dict, other: dict, preset: Prese
                       _vanished(theirs), _vanished(mine), *((f"{row['delta_vanished_pairs']:+d}", str(row["rescued_pairs"]),
                       str(row["lost_pairs"])) if changed else ("-", "-", "-")))
     s, v = comparison["summary"], comparison["vanished"]
-    table.add_row("mIoU / all pairs", percent(s["miou"]["compare"], 2), percent(s["miou"]["pred"], 2), _signed(s["miou"]["delta"]),
+    table.add_row("mIoU / all pairs", percent(s["miou"]["compare"], 2), percent(s["miou"]["pred"], 2),
+                  _signed(s["miou"]["delta"]),
                   f"{v['compare']['vanished']}/{v['compare']['pairs']}", f"{v['pred']['vanished']}/{v['pred']['pairs']}",
                   f"{v['delta']:+d}", str(v["rescued"]), str(v["lost"]), style="bold", end_section=True)
     out_console.print(table)

@@ -16,8 +16,8 @@ from ..params import DHRParams
 
 #: Largest class id + 1 a mask can hold: masks are uint8 and 255 means ignore.
 MASK_CLASSES = 255
-_FLOATS = ("float16", "bfloat16", "float32", "float64", "half", "float", "double")
-_INTEGERS = ("uint8", "int8", "uint16", "int16", "uint32", "int32", "uint64", "int64", "long", "int", "short")
+_FLOATS = ("float16", "bfloat16", "float32", "float64")
+_INTEGERS = ("uint8", "int8", "uint16", "int16", "uint32", "int32", "uint64", "int64")
 
 
 def tags_problem(tags: Sequence[int], *, channels: int, num_classes: int, background: int | None) -> str | None:

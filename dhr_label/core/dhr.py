@@ -277,7 +277,8 @@ def refine(
         For inputs the command line would refuse (:func:`~.checks.check_image_inputs`), naming
         the argument, expected vs found.
     """
-    check_image_inputs(cam, labels, image=image, base=base, uss=uss, wss=wss, background=background, params=params, prototypes=prototypes)
+    check_image_inputs(cam, labels, image=image, base=base, uss=uss, wss=wss, background=background, params=params,
+                       prototypes=prototypes)
     state = start(ImageState(cam, np.asarray(labels), image, base, uss, wss, background, prototypes), params)
     if state.next is not None and crf is None:
         crf = image_crf(image, params.crf)

@@ -22,8 +22,8 @@ import numpy as np
 
 from ..params import DHRParams, Marginal
 from .arrays import is_tensor
-from .checks import prototypes_problem
 from .cap import l2_normalise
+from .checks import prototypes_problem
 
 IGNORE = 255
 

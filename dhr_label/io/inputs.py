@@ -74,10 +74,10 @@ def check_image_source(cams: CamsFile, ids: list[str], images_dir: Path | None) 
     Costs one lookup when the first id has its image; all of them only when it has none.
     """
     if images_dir is not None:
-        found = lambda i: find_image(Path(images_dir), i) is not None  # noqa: E731
+        found = lambda i: find_image(Path(images_dir), i) is not None
         where = f"the --images directory {images_dir} holds no <id>.jpg|.jpeg|.png of them"
     else:
-        found = lambda i: cams.has(i, "image")  # noqa: E731
+        found = lambda i: cams.has(i, "image")
         where = f"the cams file {cams.path} holds no image dataset for them and no --images DIR was given"
     if not ids or any(found(i) for i in ids):  # stops at the first image found
         return

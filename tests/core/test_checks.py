@@ -16,8 +16,9 @@ def scene(**changes):
     base = np.zeros((H, W), np.uint8)
     base[12:] = 3
     inputs = dict(
-        cam=rng.random((2, 6, 8), dtype=np.float32), labels=np.array([0, 3]), image=rng.integers(0, 256, (H, W, 3), dtype=np.uint8),
-        base=base, uss=rng.random((5, 6, 8), dtype=np.float32), wss=[rng.random((4, 6, 8), dtype=np.float32)], background=None,
+        cam=rng.random((2, 6, 8), dtype=np.float32), labels=np.array([0, 3]),
+        image=rng.integers(0, 256, (H, W, 3), dtype=np.uint8), base=base, uss=rng.random((5, 6, 8), dtype=np.float32),
+        wss=[rng.random((4, 6, 8), dtype=np.float32)], background=None,
     )
     return {**inputs, **changes}
 
@@ -94,5 +95,5 @@ def test_refine_batch_names_the_image():
         dhr_label.refine_batch(tensors["cam"], tensors["labels"], tensors["image"][:1], background=None, params=PARAMS)
     image = torch.from_numpy(good["image"]).float()
     with pytest.raises(ValueError, match=r"^image 0: image: expected an RGB image \[H, W, 3\] of uint8, found float32"):
-        check_image_inputs(tensors["cam"][0], tensors["labels"][0], image=image, background=None, params=DHRParams(steps=Steps.row(4)),
-                           where="image 0: ")
+        check_image_inputs(tensors["cam"][0], tensors["labels"][0], image=image, background=None,
+                           params=DHRParams(steps=Steps.row(4)), where="image 0: ")

@@ -94,7 +94,8 @@ def elsewhere(tmp_path_factory):
     import sys
 
     cwd = tmp_path_factory.mktemp("workers-cwd")
-    with distributed.LocalCluster(n_workers=0, dashboard_address=":0") as local:  # HTTP server on a free port: the other cluster holds 8787
+    # dashboard_address ":0": its HTTP server on a free port (the module's other cluster holds 8787)
+    with distributed.LocalCluster(n_workers=0, dashboard_address=":0") as local:
         workers = [
             subprocess.Popen([sys.executable, "-m", "distributed.cli.dask_worker", local.scheduler_address, "--nthreads", "1",
                               "--no-nanny", "--no-dashboard"], cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)

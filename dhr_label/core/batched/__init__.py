@@ -116,7 +116,8 @@ def refine_batch(
     ...                       background=0, params=DHRParams(crf=CRFParams(backend="torch")))
     >>> masks = torch.stack([s.mask for s in states])  # doctest: +SKIP
     """
-    check_batch_inputs(cams, labels, images, bases=bases, uss=uss, wss=wss, background=background, params=params, prototypes=prototypes)
+    check_batch_inputs(cams, labels, images, bases=bases, uss=uss, wss=wss, background=background, params=params,
+                       prototypes=prototypes)
     device = torch.device(device) if device is not None else cams[0].device
     n = len(cams)
     states = [

@@ -133,7 +133,8 @@ def run_refine(
     with _cluster(r) as client:
         prepare_output(r.out)
         target = MaskTarget(r.out, preset.palette, new_token(), fid)
-        job = RefineJob(r.cams, r.feats if params.steps.needs_features else None, params, preset.background, target, r.images, r.base)
+        job = RefineJob(r.cams, r.feats if params.steps.needs_features else None, params, preset.background, target, r.images,
+                        r.base)
         about = f"refine, settings {fid}, shard {r.shard.index}/{r.shard.count}, started {time.strftime('%Y-%m-%d %H:%M:%S')}"
         with output_lock(r.out, group=f"{fid}/{r.shard.count}", shard=r.shard, token=target.token, run=about):
             directory = read_directory(r.out)
@@ -167,7 +168,8 @@ def run_refine(
             # Masks written by workers stopped before they could report (renamed into place: complete).
             ledger.add_unreported(written_since(r.out, [i for i in todo if i not in ledger.reported], before))
             status = "interrupted" if interrupted else "stopped" if error or (r.strict and ledger.failed) else "complete"
-            record.update(status=status, interrupted=interrupted is not None, error=error, strict_stop=bool(r.strict and ledger.failed))
+            record.update(status=status, interrupted=interrupted is not None, error=error,
+                          strict_stop=bool(r.strict and ledger.failed))
             written = path
             try:
                 _write(path, manifest, ledger.record_dict(**record), replace=True)
