@@ -14,9 +14,10 @@ import traceback
 from pathlib import Path
 
 import typer
-from rich.console import Console
+from rich.console import Console, ConsoleDimensions
 from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from typer.core import TyperGroup
 
 from ..errors import DHRLabelError
 
@@ -29,8 +30,37 @@ EXIT_INTERRUPTED = 130
 #: so that ``refine ...`` then ``score --gt gt/`` chain.
 DEFAULT_MASKS_DIR = Path("masks")
 
+class _Commands(TyperGroup):
+    """The command group, keeping ``--json``'s promise for usage errors too.
+
+    Typer reports a usage error (an unknown option, a value out of range, a missing required
+    option: exit 2) on stderr before any command code runs, so :func:`guarded` never sees it;
+    here, when ``--json`` is among the arguments, one JSON error document goes to stdout as well.
+    """
+
+    def make_context(self, info_name, args, parent=None, **extra):
+        with self._json_usage_errors(list(args)):
+            return super().make_context(info_name, args, parent, **extra)
+
+    def invoke(self, ctx):
+        with self._json_usage_errors([*ctx._protected_args, *ctx.args]):
+            return super().invoke(ctx)
+
+    @contextlib.contextmanager
+    def _json_usage_errors(self, args: list[str]):
+        """``{"tool", "error"}`` on stdout for a usage error when ``args`` hold ``--json``."""
+        try:
+            yield
+        except typer.TyperException as exc:  # Typer's usage errors (UsageError, BadParameter...) derive from it
+            if getattr(exc, "exit_code", None) == EXIT_USAGE and "--json" in args:
+                command = args[0] if args and args[0] in self.commands else None
+                print_json({"tool": f"dhr-label {command}" if command else "dhr-label", "error": exc.format_message()})
+            raise
+
+
 app = typer.Typer(
     name="dhr-label",
+    cls=_Commands,
     help="Refine weakly-supervised segmentation pseudo-masks with DHR (ECCV 2024), offline.",
     no_args_is_help=True,
     add_completion=True,
@@ -39,8 +69,29 @@ app = typer.Typer(
     context_settings={"help_option_names": ["-h", "--help"]},
 )
 
-err_console = Console(stderr=True, highlight=False)
-out_console = Console(highlight=False)
+class _Console(Console):
+    """A Rich console that never cuts a table to fit a width nobody sees: on a terminal it is
+    the terminal's width, but when its stream is a pipe or a file (``| less``, ``> report.txt``)
+    Rich would take 80 columns (or another stream's terminal) and crop the last columns; there
+    each line is as wide as its content. ``COLUMNS`` set by the user still wins."""
+
+    @property
+    def size(self) -> ConsoleDimensions:
+        measured = Console.size.fget(self)
+        if self._width is None and not self.is_terminal:
+            return ConsoleDimensions(UNCUT_WIDTH, measured.height)
+        return measured
+
+    @size.setter
+    def size(self, new_size) -> None:
+        Console.size.fset(self, new_size)
+
+
+#: The width of a console whose stream is not a terminal: wider than any table dhr-label prints.
+UNCUT_WIDTH = 10_000
+
+err_console = _Console(stderr=True, highlight=False)
+out_console = _Console(highlight=False)
 
 _state = {"debug": False}
 
@@ -69,9 +120,18 @@ def _root(
     _state["debug"] = debug
 
 
+class _UsageError(typer.BadParameter):
+    """Typer's usage error (exit 2); one that names no option (a rule across options) is worded
+    by its message alone, not as Typer's "Invalid value: ..."."""
+
+    def format_message(self) -> str:
+        return super().format_message() if self.param_hint or self.param else self.message
+
+
 def usage_error(message: str, option: str | None = None) -> typer.BadParameter:
-    """A usage error (exit 2, Typer's message format) for an invalid option value."""
-    return typer.BadParameter(message, param_hint=option)
+    """A usage error (exit 2, Typer's message format) for an invalid option value, or for a rule
+    across options when ``option`` is None."""
+    return _UsageError(message, param_hint=option)
 
 
 def fail(message: str, code: int = EXIT_FAILED) -> "typer.Exit":

@@ -46,9 +46,9 @@ def inspect(
     _print_findings(report)
     errors = report.errors
     if errors:
-        images_hit = len({f.image_id for f in errors})
-        raise fail(f"{len(errors)} errors concerning {images_hit} ids ({report.images} images in "
-                   f"{cams.name})", EXIT_FAILED)
+        images_hit = len({f.image_id for f in errors if f.image_id is not None})
+        about = f" concerning {images_hit} ids" if images_hit else ""  # a file-level error concerns no id
+        raise fail(f"{len(errors)} errors{about} ({report.images} images in {cams.name})", EXIT_FAILED)
     err_console.print(f"ok: {report.images} images match the format (contract v1)"
                       + (f" ({len(report.warnings)} warnings)" if report.warnings else ""))
 

@@ -15,8 +15,9 @@ from rich.text import Text
 from ..io.ids import read_ids
 from ..io.pack import CAM_STYLES
 from ..io.writer import Writer
-from ..runtime.pack import Sources, pack_images, source_ids
-from .app import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, app, err_console, fail, guarded, progress_bar
+from ..runtime.outdir import check_writable
+from ..runtime.pack import Sources, check_images, pack_images, source_ids
+from .app import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, app, err_console, fail, guarded, progress_bar, usage_error
 
 #: Adapted images named one a line before "... and N more".
 SHOWN_NOTES = 5
@@ -82,6 +83,10 @@ def pack_command(
     todo = read_ids(ids) if ids is not None else source_ids(sources)
     if not todo:
         raise fail("nothing to pack: the --cams-npy / --uss-pt / --wss-npy directories hold no <id> file")
+    check_images(sources, todo)
+    for option, path in (("--out-cams", out_cams), ("--out-feats", out_feats)):
+        if path is not None:
+            check_writable(path.parent, option)  # created when missing, as refine creates its --out
     counts = {"images": len(todo), "packed": 0, "skipped": 0, "failed": 0}
     failures: list[dict] = []
     notes: dict[str, list[str]] = {}
@@ -149,7 +154,7 @@ def _check_options(cams_npy, style, cams_array, cams_keys, uss_pt, wss_npy, base
     if out_feats is not None and uss_pt is None and wss_npy is None:
         problems.append("--out-feats needs --uss-pt and/or --wss-npy")
     if problems:
-        raise fail("; ".join(problems), EXIT_USAGE)
+        raise usage_error("; ".join(problems))
 
 
 def _summary(counts, seconds, out_cams, out_feats, failures, interrupted, json_out, notes) -> None:

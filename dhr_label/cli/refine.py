@@ -236,7 +236,7 @@ def _summary(report: RefineReport, json_out: bool) -> None:
     rate = (counts["done"] + counts["failed"]) / seconds if seconds > 0 else 0.0
     p = report.prototypes
     if p is not None and p.prototypes is not None:
-        how = {"pooled": f"pooled from the base masks of {p.images} images ({p.skipped} without one) in {p.seconds:.1f} s",
+        how = {"pooled": f"pooled from the base masks of {p.images} images{_not_pooled(p)} in {p.seconds:.1f} s",
                "reused": "read from this directory (pooled by an earlier run)", "file": "read from --prototypes"}[p.source]
         err_console.print(f"class prototypes: {how} -> {escape(str(p.file))}", highlight=False, soft_wrap=True)
     for warning in report.warnings:
@@ -250,7 +250,10 @@ def _summary(report: RefineReport, json_out: bool) -> None:
     title = "dhr-label refine" + (f" (interrupted by {stop_name(report.interrupted)})" if report.interrupted is not None else "")
     table = Table(title=escape(title), show_header=False, title_justify="left")
     table.add_row("done", str(counts["done"]))
-    table.add_row("kept (made earlier with these settings)", str(counts["skipped"]))
+    other = counts["skipped_other_settings"]
+    table.add_row("kept (made earlier with these settings)", str(counts["skipped"] - other))
+    if other:
+        table.add_row("kept (made with other settings: a mixed directory)", f"[yellow]{other}[/]")
     table.add_row("failed", f"[red]{counts['failed']}[/]" if counts["failed"] else "0")
     if counts["not_run"]:
         table.add_row("not run", str(counts["not_run"]))
@@ -265,3 +268,11 @@ def _summary(report: RefineReport, json_out: bool) -> None:
         err_console.print(f"{len(report.failures)} image(s) failed; the first ones:")
         for failure in report.failures[:10]:
             err_console.print(f"  {failure['id']}: {failure['reason']}", markup=False, soft_wrap=True)
+
+
+def _not_pooled(p) -> str:
+    """`` (2 without a base mask; 1 whose base mask or features could not be read...)``, or nothing."""
+    parts = [f"{p.without_base} without a base mask"] if p.without_base else []
+    if p.unreadable:
+        parts.append(f"{p.unreadable} whose base mask or features could not be read: refining it fails and says why")
+    return f" ({'; '.join(parts)})" if parts else ""

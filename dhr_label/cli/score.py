@@ -11,7 +11,7 @@ import typer
 from rich.table import Table
 from rich.text import Text
 
-from ..errors import DHRLabelError
+from ..errors import DHRLabelError, FileLevelError
 from ..io.atomic import write_bytes_atomic
 from ..io.ids import read_ids
 from ..io.manifest import MANIFEST_PREFIX, read_manifest
@@ -19,7 +19,7 @@ from ..metrics.report import ScoreRun, compare_report, score_report
 from ..presets import IGNORE_INDEX, Preset, preset_from_classes, resolve_preset
 from ..runtime.outdir import check_writable
 from ..runtime.parallel import default_workers
-from ..runtime.score import Matching, first_ids, ground_truth, match, missing_error, score_pairs, select
+from ..runtime.score import Matching, first_ids, ground_truth, made_ids, match, missing_error, score_pairs, select, settings_mix
 from ..visual import encode_png, render_confusion
 from .app import DEFAULT_MASKS_DIR, app, err_console, guarded, out_console, percent, print_json, progress_bar, usage_error
 
@@ -36,6 +36,7 @@ def score(
     pred: Annotated[Path, typer.Option("--pred", help="Predicted masks <id>.png (refine's --out).", **DirOption)] = DEFAULT_MASKS_DIR,
     classes: Annotated[Optional[str], typer.Option("--classes", help="Dataset preset (voc, coco, context, context59, ade, stuff, camvid) or a class-list file. Default: the classes refine recorded in PRED's manifest, else voc.", show_default=False)] = None,
     ids: Annotated[Optional[Path], typer.Option("--ids", help="Score only these ids (one a line); default: every ground-truth mask.", exists=True, dir_okay=False)] = None,
+    made: Annotated[bool, typer.Option("--made", help="Score only the images refine made or tried in PRED, from its manifest (a partial run: --limit, --ids, --shard, interrupted); those it failed count as missing.")] = False,
     allow_missing: Annotated[bool, typer.Option("--allow-missing", help="Score a ground truth without prediction as all-wrong (reported) instead of failing.")] = False,
     compare: Annotated[Optional[Path], typer.Option("--compare", help="A second prediction directory to report side by side (deltas = PRED - COMPARE).", **DirOption)] = None,
     top: Annotated[int, typer.Option("--top", min=0, help="With --compare: how many images that gained and lost most to list.")] = 10,
@@ -45,8 +46,11 @@ def score(
 ) -> None:
     """Score predicted masks against ground truth: mIoU, per-class IoU, precision, recall,
     accuracies, fwIoU, FP/FN rates and the vanished (image, class) rate, from exact int64
-    confusion matrices. A ground truth without prediction is an error unless --allow-missing.
+    confusion matrices. A ground truth without prediction is an error unless --allow-missing;
+    --made scores only the images refine made in PRED.
     """
+    if made and ids is not None:
+        raise usage_error("--made and --ids both choose the images to score: give one of them")
     if csv_dir is not None:
         check_writable(csv_dir, "--csv")  # before the work, not after it
     recorded = _recorded_preset(pred)
@@ -68,13 +72,16 @@ def score(
         preset = resolve_preset("voc")
     all_gt = ground_truth(gt)
     chosen = all_gt if ids is None else select(all_gt, read_ids(ids), gt_dir=gt)
+    if made:
+        chosen = _made(pred, all_gt, gt)
     matchings = [match(chosen, d, known=set(all_gt)) for d in [pred] + ([compare] if compare else [])]
     for matching in matchings:
         if matching.missing and not allow_missing:
-            raise missing_error(matching)
-    reports, runs = [], []
+            raise missing_error(matching, made=made and matching is matchings[0])
+    reports, runs, warnings = [], [], []
     for matching in matchings:
         _notes(matching)
+        warnings += _mixed(matching)
         run = _run(matching, preset, workers)
         runs.append(run)
         reports.append(score_report(run, matching, preset, gt_dir=gt))
@@ -84,7 +91,7 @@ def score(
         written = _write_csvs(csv_dir, reports[0], runs[0].confusion, comparison)
         err_console.print(f"wrote {', '.join(str(p) for p in written)}", soft_wrap=True)
     if json_out:
-        document = dict(reports[0])
+        document = dict(reports[0], warnings=warnings)
         if comparison is not None:
             document["comparison"] = comparison
         print_json(document)
@@ -106,6 +113,31 @@ def _notes(matching: Matching) -> None:
             f"prediction in {matching.pred_dir}; scored as all-wrong "
             f"(first: {first_ids(matching.missing)})", style="yellow", soft_wrap=True,
         )
+
+
+def _made(pred: Path, all_gt: dict[str, Path], gt: Path) -> dict[str, Path]:
+    """The ground truth of the images refine made or tried in ``pred`` (``--made``)."""
+    wanted = made_ids(pred)
+    chosen = {i: all_gt[i] for i in wanted if i in all_gt}
+    if not chosen:
+        raise FileLevelError(f"--made: none of the {len(wanted)} images refine made in {pred} has a ground truth in {gt} "
+                             f"(first: {first_ids(wanted)}; ground truth: {first_ids(list(all_gt))})")
+    err_console.print(f"note: --made: scoring the {len(chosen)} images refine made or tried in {pred} "
+                      f"({len(all_gt)} ground-truth masks in {gt})", soft_wrap=True, markup=False)
+    return chosen
+
+
+def _mixed(matching: Matching) -> list[str]:
+    """A warning (printed, and returned for --json) when the scored masks of a directory were
+    made with several settings: the score blends them."""
+    mix = settings_mix(matching)
+    if len(mix) < 2:
+        return []
+    parts = ", ".join(f"{n} with {'settings ' + fid if fid else 'no recorded settings'}" for fid, n in mix.most_common())
+    warning = (f"{matching.pred_dir} mixes masks made with {len(mix)} settings ({parts}): this score blends them "
+               "(refine --overwrite, or another --out, makes them one setting's)")
+    err_console.print(f"warning: {warning}", style="yellow", soft_wrap=True, markup=False)
+    return [warning]
 
 
 def _recorded_preset(pred: Path) -> Preset | None:
@@ -187,21 +219,31 @@ def _signed(value: float | None) -> str:
 
 def _print_comparison(comparison: dict, report: dict, other: dict, preset: Preset) -> None:
     pred, comp = report["pred"], other["pred"]
-    table = Table(title=Text(f"PRED {pred} vs COMPARE {comp} (delta = PRED - COMPARE)"))
+    table = Table(
+        title=Text(f"PRED {pred} vs COMPARE {comp} (delta = PRED - COMPARE)"),
+        caption="vanished: (image, class) pairs with IoU < 0.1 / GT pairs; rescued: pairs vanished in COMPARE, not in "
+        "PRED; lost: vanished in PRED, not in COMPARE (vanished delta = lost - rescued)",
+    )
     table.add_column("class")
-    for name in ("IoU COMPARE", "IoU PRED", "delta", "vanished COMPARE", "vanished PRED"):
+    for name in ("IoU COMPARE", "IoU PRED", "IoU delta", "vanished COMPARE", "vanished PRED", "vanished delta", "rescued",
+                 "lost"):
         table.add_column(name, justify="right")
     for row, mine, theirs in zip(comparison["per_class"], report["per_class"], other["per_class"]):
-        table.add_row(Text(row["name"]), percent(row["iou_compare"]), percent(row["iou"]),
-                      _signed(row["delta_iou"]), _vanished(theirs), _vanished(mine))
-    s = comparison["summary"]
-    table.add_row("mIoU", percent(s["miou"]["compare"], 2), percent(s["miou"]["pred"], 2),
-                  _signed(s["miou"]["delta"]), "", "", style="bold", end_section=True)
+        changed = mine["eligible_pairs"] > 0
+        table.add_row(Text(row["name"]), percent(row["iou_compare"]), percent(row["iou"]), _signed(row["delta_iou"]),
+                      _vanished(theirs), _vanished(mine), *((f"{row['delta_vanished_pairs']:+d}", str(row["rescued_pairs"]),
+                      str(row["lost_pairs"])) if changed else ("-", "-", "-")))
+    s, v = comparison["summary"], comparison["vanished"]
+    table.add_row("mIoU / all pairs", percent(s["miou"]["compare"], 2), percent(s["miou"]["pred"], 2),
+                  _signed(s["miou"]["delta"]),
+                  f"{v['compare']['vanished']}/{v['compare']['pairs']}", f"{v['pred']['vanished']}/{v['pred']['pairs']}",
+                  f"{v['delta']:+d}", str(v["rescued"]), str(v["lost"]), style="bold", end_section=True)
     out_console.print(table)
-    v, i = comparison["vanished"], comparison["images"]
+    i = comparison["images"]
     out_console.print(
         f"vanished pairs: COMPARE {v['compare']['vanished']} of {v['compare']['pairs']}, PRED "
-        f"{v['pred']['vanished']} of {v['pred']['pairs']}", soft_wrap=True, markup=False)
+        f"{v['pred']['vanished']} of {v['pred']['pairs']} ({v['delta']:+d}: PRED rescued {v['rescued']} that COMPARE "
+        f"lost, and lost {v['lost']} that COMPARE kept)", soft_wrap=True, markup=False)
     out_console.print(
         f"images by per-image mIoU: {i['better']} better, {i['worse']} worse, {i['same']} the same",
         soft_wrap=True, markup=False)
@@ -261,7 +303,8 @@ def _write_csvs(directory: Path, report: dict, confusion: np.ndarray,
     images, image_cols = report["per_image"], list(IMAGE_COLUMNS)
     if comparison is not None:
         classes = [{**row, **extra} for row, extra in zip(classes, comparison["per_class"])]
-        class_cols += ["iou_compare", "delta_iou", "vanished_pairs_compare"]
+        class_cols += ["iou_compare", "delta_iou", "vanished_pairs_compare", "delta_vanished_pairs", "rescued_pairs",
+                       "lost_pairs"]
         extra = {row["id"]: row for row in comparison["per_image"]}
         images = [{**row, **extra.get(row["id"], {})} for row in images]
         image_cols += ["miou_compare", "delta_miou"]

@@ -12,6 +12,7 @@ import numpy as np
 import torch
 
 from ..params import DHRParams
+from .checks import check_batch_inputs, check_image_inputs
 from .pipeline import ImageState, Stage, class_counts, new_state, resume, start
 from .prototypes import Prototypes
 from .stages import run_stages
@@ -107,7 +108,15 @@ def refine_image(
     Refinement
         ``mask`` (H x W uint8), and on the way ``init`` (M_init), ``seed``, ``restored``,
         ``groups``, ``confidence``, ``timings``.
+
+    Raises
+    ------
+    ValueError
+        For inputs the command line would refuse (:func:`~.checks.check_image_inputs`), naming
+        the argument, expected vs found.
     """
+    check_image_inputs(cam, labels, image=image, base=base, uss=uss, wss=wss, background=background, params=params,
+                       prototypes=prototypes)
     state = start(new_state(cam, labels, image, base, uss, wss, background, prototypes, device="cpu"), params)
     return Refinement.of(run_stages([state], params)[0])
 
@@ -156,17 +165,22 @@ def refine_batch(
         ``state.mask`` is the H x W uint8 mask on ``device``; ``init``, ``restored``,
         ``groups``, ``confidence`` and ``warnings`` are filled in on the way.
 
+    Raises
+    ------
+    ValueError
+        For inputs the command line would refuse (:func:`~dhr_label.core.checks.check_image_inputs`),
+        naming the image, the argument, expected vs found.
+
     Examples
     --------
     >>> states = refine_batch(cams, labels, images, bases=bases, uss=uss, wss=wss,
     ...                       background=0, params=DHRParams(crf=CRFParams(backend="torch")))
     >>> masks = torch.stack([s.mask for s in states])  # doctest: +SKIP
     """
+    check_batch_inputs(cams, labels, images, bases=bases, uss=uss, wss=wss, background=background, params=params,
+                       prototypes=prototypes)
     device = torch.device(device) if device is not None else torch.as_tensor(cams[0]).device
     n = len(cams)
-    for name, values in (("labels", labels), ("images", images), ("bases", bases), ("uss", uss), ("wss", wss)):
-        if values is not None and len(values) != n:
-            raise ValueError(f"{name}: expected one entry per image ({n}), found {len(values)}")
 
     def nth(values, b):
         return None if values is None else values[b]

@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from ..params import DHRParams, Marginal
+from .checks import prototypes_problem
 from .ot import Transport
 from .prototypes import Prototypes
 from .tensors import to_device, to_host
@@ -247,11 +248,9 @@ def prototype_rows(state: ImageState, params: DHRParams) -> tuple[np.ndarray | N
     if not params.uses_prototypes or state.prototypes is None:
         return None, None
     p = state.prototypes
-    have = [p.uss.shape[1]] + [layer.shape[1] for layer in p.wss]
-    want = [state.uss.shape[0]] + [layer.shape[0] for layer in state.wss or []]
-    if have[0] != want[0] or (p.wss and state.wss and have[1:] != want[1:]):  # WSS ones only where both have layers
-        raise ValueError(f"the prototypes have dimensions {have} (USS, WSS layers), this image's features {want}: "
-                         "they were pooled from other features")
+    problem = prototypes_problem(p, [state.uss.shape[0]] + [layer.shape[0] for layer in state.wss or []])
+    if problem is not None:
+        raise ValueError(problem)
     if p.num_classes <= int(state.classes.max()):
         raise ValueError(f"the prototypes hold {p.num_classes} classes, this image has class {int(state.classes.max())}")
     return p.uss[state.classes], ([layer[state.classes] for layer in p.wss] if p.wss else None)

@@ -14,6 +14,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 
+from ..core.checks import tags_problem
 from ..errors import FileLevelError, InputError
 
 FORMAT_CAMS = "dhr-label/cams"
@@ -23,6 +24,8 @@ SUPPORTED_VERSIONS = (1,)
 INCOMPLETE_ATTR = "dhr_label_incomplete"
 ID_PATTERN = re.compile(r"^[A-Za-z0-9_.\-]+$")
 _FLOAT_KINDS = ("f",)
+#: What an input file with no image group is told (refine and tune stop on it, inspect lists it).
+EMPTY = "holds no image (no group at its root): nothing to refine; was it written to the end (dhr-label pack, dhr_label.Writer)?"
 
 
 def check_id(image_id: str, source: str) -> None:
@@ -159,6 +162,19 @@ class _ContractFile:
 
     def __contains__(self, image_id: str) -> bool:
         return image_id in self._h5
+
+    def has(self, image_id: str, name: str) -> bool:
+        """Whether the group of ``image_id`` holds ``name`` (no data read)."""
+        group = self._h5.get(image_id)
+        return isinstance(group, h5py.Group) and name in group
+
+    def require_images(self) -> list[str]:
+        """:meth:`ids`, or a :class:`FileLevelError` when the file holds none: a valid file with
+        no image is an unfinished or wrong input, never a dataset to report "done" on."""
+        ids = self.ids()
+        if not ids:
+            raise FileLevelError(f"{self.what} file {self.path} {EMPTY}")
+        return ids
 
     def summary(self) -> dict:
         """Path, size, ``format``, ``version`` and group count of the file (no dataset read)."""
@@ -317,20 +333,9 @@ class CamsFile(_ContractFile):
         if node.dtype.kind not in "iu":
             raise InputError(image_id, source, f"expected an integer dtype, found {node.dtype}")
         labels = np.asarray(self._read(image_id, node, "labels"), dtype=np.int64)
-        if labels.shape[0] != k:
-            raise InputError(
-                image_id, source, f"expected {k} tags (one per cam channel), found {labels.shape[0]}"
-            )
-        if labels.min() < 0 or labels.max() >= self.num_classes:
-            raise InputError(
-                image_id, source, f"expected class ids in [0, {self.num_classes}), found {labels.tolist()}"
-            )
-        if np.any(np.diff(labels) <= 0):
-            raise InputError(image_id, source, f"expected unique ascending tags, found {labels.tolist()}")
-        if self.background is not None and self.background in labels:
-            raise InputError(
-                image_id, source, f"tags must not include the background id {self.background}, found {labels.tolist()}"
-            )
+        problem = tags_problem(labels.tolist(), channels=k, num_classes=self.num_classes, background=self.background)
+        if problem is not None:
+            raise InputError(image_id, source, problem)
         return labels
 
     def read_base(self, image_id: str) -> np.ndarray | None:

@@ -7,7 +7,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from ..errors import InputError
+from ..core.checks import grid_problem
+from ..errors import FileLevelError, InputError
 from .contract import CamsFile, FeatsFile, as_rgb_uint8, check_label_map
 from .masks import read_mask
 
@@ -59,23 +60,29 @@ def load_image_file(path: Path, image_id: str, notes: list[str]) -> np.ndarray:
         raise InputError(image_id, str(path), f"cannot decode the image: {exc}") from None
 
 
-def _aspect_agrees(grid: tuple[int, int], size: tuple[int, int]) -> bool:
-    """A feature grid h x w fits an H x W image when either side matches the other's ratio
-    within one cell (the rounding of a strided network)."""
-    h, w = grid
-    height, width = size
-    return abs(h - height * w / width) <= 1.0 + 1e-6 or abs(w - width * h / height) <= 1.0 + 1e-6
-
-
 def check_grid(image_id: str, source: str, grid: tuple[int, int], size: tuple[int, int]) -> None:
-    """Raise unless a map's grid agrees with the image's aspect ratio."""
-    if not _aspect_agrees(grid, size):
-        raise InputError(
-            image_id,
-            source,
-            f"a {grid[0]} x {grid[1]} map does not fit the aspect ratio of the "
-            f"{size[0]} x {size[1]} image (expected h/w = {size[0] / size[1]:.3f} within one cell)",
-        )
+    """Raise unless a map's grid agrees with the image's aspect ratio (:func:`~dhr_label.core.checks.grid_problem`)."""
+    problem = grid_problem(tuple(grid), tuple(size))
+    if problem is not None:
+        raise InputError(image_id, source, problem)
+
+
+def check_image_source(cams: CamsFile, ids: list[str], images_dir: Path | None) -> None:
+    """Raise one :class:`FileLevelError` when none of ``ids`` has an image where refine looks
+    (``images_dir``, else the cams file's ``image`` datasets), instead of one failure per image.
+
+    Costs one lookup when the first id has its image; all of them only when it has none.
+    """
+    if images_dir is not None:
+        found = lambda i: find_image(Path(images_dir), i) is not None
+        where = f"the --images directory {images_dir} holds no <id>.jpg|.jpeg|.png of them"
+    else:
+        found = lambda i: cams.has(i, "image")
+        where = f"the cams file {cams.path} holds no image dataset for them and no --images DIR was given"
+    if not ids or any(found(i) for i in ids):  # stops at the first image found
+        return
+    raise FileLevelError(f"no image for any of the {len(ids)} selected ids (first: {ids[0]}): {where}; "
+                         "the DenseCRF needs the images: give --images DIR")
 
 
 def load_inputs(

@@ -6,6 +6,7 @@ numbers), so the table, ``--json`` and ``--csv`` all show the same numbers.
 from __future__ import annotations
 
 import math
+from collections import Counter
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -146,8 +147,13 @@ def score_report(run: ScoreRun, matching, preset: Preset, *, gt_dir) -> dict:
 def compare_report(report: dict, other: dict, *, top: int) -> dict:
     """Side by side: ``report`` (PRED) against ``other`` (COMPARE); deltas are PRED - COMPARE.
 
-    Both are :func:`score_report` outputs over the same ground-truth ids.
+    Both are :func:`score_report` outputs over the same ground-truth ids. Per class, the
+    vanished (image, class) pairs of both, their difference, and which pairs changed: *rescued*
+    (vanished in COMPARE, not in PRED) and *lost* (vanished in PRED, not in COMPARE), so
+    ``delta_vanished_pairs = lost - rescued``.
     """
+    theirs_by_id = {row["id"]: row for row in other["per_image"]}
+    rescued, lost = _changed_pairs(report["per_image"], theirs_by_id)
     classes = []
     for mine, theirs in zip(report["per_class"], other["per_class"]):
         classes.append({
@@ -158,8 +164,10 @@ def compare_report(report: dict, other: dict, *, top: int) -> dict:
             "delta_iou": _delta(mine["iou"], theirs["iou"]),
             "vanished_pairs": mine["vanished_pairs"],
             "vanished_pairs_compare": theirs["vanished_pairs"],
+            "delta_vanished_pairs": mine["vanished_pairs"] - theirs["vanished_pairs"],
+            "rescued_pairs": rescued[mine["name"]],
+            "lost_pairs": lost[mine["name"]],
         })
-    theirs_by_id = {row["id"]: row for row in other["per_image"]}
     images = []
     for row in report["per_image"]:
         theirs = theirs_by_id.get(row["id"])
@@ -181,6 +189,9 @@ def compare_report(report: dict, other: dict, *, top: int) -> dict:
         "vanished": {
             "pred": report["summary"]["vanished"],
             "compare": other["summary"]["vanished"],
+            "delta": report["summary"]["vanished"]["vanished"] - other["summary"]["vanished"]["vanished"],
+            "rescued": sum(rescued.values()),
+            "lost": sum(lost.values()),
         },
         "images": {
             "better": int((deltas > SAME_TOLERANCE).sum()),
@@ -192,6 +203,20 @@ def compare_report(report: dict, other: dict, *, top: int) -> dict:
         "per_class": classes,
         "per_image": images,
     }
+
+
+def _changed_pairs(images: list[dict], theirs_by_id: dict[str, dict]) -> tuple[Counter, Counter]:
+    """Per class name, the (image, class) pairs vanished only in COMPARE (rescued by PRED) and
+    only in PRED (lost by it), over the images both scored."""
+    rescued, lost = Counter(), Counter()
+    for row in images:
+        theirs = theirs_by_id.get(row["id"])
+        if theirs is None:
+            continue
+        mine, before = set(row["vanished"]), set(theirs["vanished"])
+        rescued.update(before - mine)
+        lost.update(mine - before)
+    return rescued, lost
 
 
 def _delta(a, b):

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import InputError
-from ..io.contract import CamsFile, FeatsFile
+from ..io.contract import EMPTY, CamsFile, FeatsFile
 from ..io.inputs import load_inputs
 from ..presets import Preset, check_agreement, preset_from_classes
 
@@ -120,6 +120,8 @@ def inspect_inputs(
             report = InspectReport([f.summary() for f in metadata], preset, cf.ignore_index,
                                    tagged_images=np.zeros(preset.num_classes, dtype=np.int64))
             ids = cf.ids()
+            if not ids:
+                report.findings.append(Finding("error", None, str(cams), EMPTY))
             if on_total is not None:
                 on_total(len(ids))
             if ff is not None and not same:

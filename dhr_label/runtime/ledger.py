@@ -13,12 +13,14 @@ from .outcomes import DONE, ImageResult
 class RunLedger:
     """Everything a run learns about its images, one :class:`ImageResult` at a time.
 
-    ``done`` counts only masks this run wrote; ``skipped`` the masks it kept; ``not_run`` what
-    it never reached (interrupted, or stopped by ``--strict`` or a full disk).
+    ``done`` counts only masks this run wrote; ``skipped`` the masks it kept, of which
+    ``skipped_other_settings`` were made with other settings (kept by ``--allow-mixed``);
+    ``not_run`` what it never reached (interrupted, or stopped by ``--strict`` or a full disk).
     """
 
     selected: int
     skipped: int = 0
+    skipped_other_settings: int = 0
     done: int = 0
     failures: list[dict] = field(default_factory=list)
     notes: dict[str, list[str]] = field(default_factory=dict)
@@ -56,7 +58,8 @@ class RunLedger:
 
     def counts(self) -> dict[str, int]:
         return {
-            "selected": self.selected, "done": self.done, "skipped": self.skipped, "failed": self.failed,
+            "selected": self.selected, "done": self.done, "skipped": self.skipped,
+            "skipped_other_settings": self.skipped_other_settings, "failed": self.failed,
             "not_run": self.selected - self.done - self.skipped - self.failed,
         }
 

@@ -57,6 +57,16 @@ def source_ids(sources: Sources) -> list[str]:
     return sorted(ids)
 
 
+def check_images(sources: Sources, ids: list[str]) -> None:
+    """One :class:`FileLevelError` when ``--images`` holds the image of none of ``ids`` (a wrong
+    directory), instead of one failed image per id. One lookup when the first is there."""
+    if sources.cams is None or sources.images is None or not ids:
+        return
+    if not any(image_file(sources.images, i) is not None for i in ids):
+        raise FileLevelError(f"--images {sources.images}: no <id>{'|'.join(IMAGE_SUFFIXES)} of any of the {len(ids)} "
+                             f"ids to pack (first: {ids[0]}); is it the right directory?")
+
+
 @dataclass(frozen=True)
 class Outcome:
     """What happened to one image: ``packed``, ``skipped`` (already complete) or ``failed``."""

@@ -24,6 +24,8 @@ T = TypeVar("T")
 R = TypeVar("R")
 
 BACKENDS = ("loky", "dask")
+#: How long a Dask client keeps trying to reach its scheduler before the run gives up.
+CONNECT_TIMEOUT = "20s"
 
 
 def default_workers() -> int:
@@ -65,7 +67,7 @@ def dask_client(scheduler: str):
     except ValueError as exc:
         raise DHRLabelError(f"--scheduler {scheduler!r} is not a Dask scheduler address (e.g. tcp://host:8786): {exc}") from None
     try:
-        client = Client(scheduler, timeout="20s", set_as_default=False)
+        client = Client(scheduler, timeout=CONNECT_TIMEOUT, set_as_default=False)
     except (OSError, TimeoutError, ValueError) as exc:
         raise DHRLabelError(f"cannot reach the Dask scheduler at {scheduler}: {exc}") from None
     try:

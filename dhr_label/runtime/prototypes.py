@@ -62,34 +62,40 @@ class RunPrototypes:
     source: str  # "pooled", "reused" (this directory's file) or "file"
     file: str | None
     images: int = 0  # images pooled
-    skipped: int = 0  # images without a base mask, or whose inputs could not be read
+    skipped: int = 0  # images not pooled: without a base mask, or whose inputs could not be read
+    unreadable: int = 0  # of the skipped, those whose base mask or features could not be read
     seconds: float = 0.0  # spent pooling (0 when read from a file)
+
+    @property
+    def without_base(self) -> int:
+        """Images skipped because they have no base mask to pool from."""
+        return self.skipped - self.unreadable
 
     def record(self) -> dict:
         return {"source": self.source, "file": self.file, "images": self.images, "skipped": self.skipped,
-                "available": self.prototypes is not None, "seconds": round(self.seconds, 3)}
+                "unreadable": self.unreadable, "available": self.prototypes is not None, "seconds": round(self.seconds, 3)}
 
 
-def pool_chunk(job: PoolJob, ids: list[str]) -> tuple[str, Sums | None, int]:
+def pool_chunk(job: PoolJob, ids: list[str]) -> tuple[str, Sums | None, int, int]:
     """A worker's task: the summed :func:`~dhr_label.core.prototypes.image_sums` of the ids
     that have a base mask and readable features, in order; the first id (to restore the
-    chunks' order) and how many were skipped. A fault of an image is left to the refine run,
-    which reports it."""
+    chunks' order), how many have no base mask and how many could not be read. A fault of an
+    image is left to the refine run, which reports it."""
     become_worker(job.parent, job.host)
     combined = Path(job.feats) == Path(job.cams)
-    sums, skipped = None, 0
+    sums, without_base, unreadable = None, 0, 0
     with CamsFile.open(job.cams, combined=combined) as cams, FeatsFile.open(job.feats, combined=combined) as feats:
         for image_id in ids:
             try:
                 base, uss, wss = load_pooling_inputs(image_id, cams, feats, wss=job.wss, base_dir=job.base_dir)
             except (DHRLabelError, OSError, ValueError):
-                skipped += 1
+                unreadable += 1
                 continue
             if base is None:
-                skipped += 1
+                without_base += 1
                 continue
             sums = add_sums(sums, image_sums(base, uss, wss, job.num_classes))
-    return ids[0], sums, skipped
+    return ids[0], sums, without_base, unreadable
 
 
 def pool(job: PoolJob, *, workers: int) -> RunPrototypes:
@@ -98,20 +104,21 @@ def pool(job: PoolJob, *, workers: int) -> RunPrototypes:
     with CamsFile.open(job.cams, combined=Path(job.feats) == Path(job.cams)) as cams:
         ids = cams.ids()
     chunks = [ids[i : i + CHUNK] for i in range(0, len(ids), CHUNK)]
-    parts = {first: (sums, skipped) for first, sums, skipped in map_chunks(partial(pool_chunk, job), chunks, workers=workers)}
-    total, skipped = None, 0
+    parts = {first: rest for first, *rest in map_chunks(partial(pool_chunk, job), chunks, workers=workers)}
+    total, without_base, unreadable = None, 0, 0
     for chunk in chunks:  # in the ids' order, whatever order the workers finished in
-        sums, missed = parts[chunk[0]]
-        total, skipped = add_sums(total, sums), skipped + missed
+        sums, no_base, bad = parts[chunk[0]]
+        total, without_base, unreadable = add_sums(total, sums), without_base + no_base, unreadable + bad
     prototypes = finish(total) if total is not None else None
-    return RunPrototypes(prototypes, "pooled", None, len(ids) - skipped, skipped, time.perf_counter() - t0)
+    skipped = without_base + unreadable
+    return RunPrototypes(prototypes, "pooled", None, len(ids) - skipped, skipped, unreadable, time.perf_counter() - t0)
 
 
 def save(path: Path, run: RunPrototypes, *, fingerprint_id: str) -> None:
     """Write the prototypes as an ``.npz`` (``uss``, ``wss_0``, ...; ``meta`` JSON), atomically."""
     p = run.prototypes
     arrays = {"uss": p.uss, **{f"wss_{k}": layer for k, layer in enumerate(p.wss)}}
-    meta = {"fingerprint_id": fingerprint_id, "images": run.images, "skipped": run.skipped}
+    meta = {"fingerprint_id": fingerprint_id, "images": run.images, "skipped": run.skipped, "unreadable": run.unreadable}
     buffer = io.BytesIO()
     np.savez(buffer, meta=np.array(json.dumps(meta)), **arrays)
     try:
@@ -143,7 +150,7 @@ def load(path: Path, *, num_classes: int, wss: bool) -> tuple[Prototypes, dict]:
 def from_file(path: Path, *, num_classes: int, wss: bool) -> RunPrototypes:
     """The prototypes of ``--prototypes FILE`` (:func:`load`'s checks and errors)."""
     prototypes, meta = load(path, num_classes=num_classes, wss=wss)
-    return RunPrototypes(prototypes, "file", str(path), int(meta.get("images", 0)), int(meta.get("skipped", 0)))
+    return RunPrototypes(prototypes, "file", str(path), *_counts(meta))
 
 
 def for_run(job: PoolJob, *, out: Path, fingerprint_id: str, workers: int) -> RunPrototypes:
@@ -156,9 +163,14 @@ def for_run(job: PoolJob, *, out: Path, fingerprint_id: str, workers: int) -> Ru
         except FileLevelError:
             meta = {}
         if meta.get("fingerprint_id") == fingerprint_id:
-            return RunPrototypes(prototypes, "reused", str(saved), int(meta.get("images", 0)), int(meta.get("skipped", 0)))
+            return RunPrototypes(prototypes, "reused", str(saved), *_counts(meta))
     run = pool(job, workers=workers)
     if run.prototypes is not None:
         save(saved, run, fingerprint_id=fingerprint_id)
         run = dataclasses.replace(run, file=str(saved))
     return run
+
+
+def _counts(meta: dict) -> tuple[int, int, int]:
+    """``images, skipped, unreadable`` of a saved file's meta (0 where an older file has none)."""
+    return tuple(int(meta.get(key, 0)) for key in ("images", "skipped", "unreadable"))

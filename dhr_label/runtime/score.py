@@ -7,6 +7,7 @@ summed int64 confusion matrix and a few numbers per image. Reduce: sum. The repo
 """
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
@@ -16,7 +17,8 @@ import numpy as np
 
 from ..errors import FileLevelError, InputError
 from ..io.ids import mask_files
-from ..io.masks import read_mask
+from ..io.manifest import manifest_files, read_manifest
+from ..io.masks import read_mask, read_provenance
 from ..metrics import confusion_matrix, image_miou, vanished_classes
 from ..metrics.report import ImageScore, ScoreRun
 from .parallel import chunked, map_chunks
@@ -95,13 +97,52 @@ def match(gt: dict[str, Path], pred_dir: Path, *, known: set[str] | None = None)
     return Matching(Path(pred_dir), pairs, missing, unknown)
 
 
-def missing_error(matching: Matching) -> FileLevelError:
-    """The error for predictions missing without ``--allow-missing``."""
+def missing_error(matching: Matching, *, made: bool = False) -> FileLevelError:
+    """The error for predictions missing without ``--allow-missing``; ``made``: the ids scored
+    are those of :func:`made_ids`, so the missing ones are images refine failed."""
     n, total = len(matching.missing), len(matching.pairs)
+    first = first_ids(matching.missing)
+    if made:
+        return FileLevelError(
+            f"{n} of the {total} images refine made or tried in {matching.pred_dir} have no mask: the manifest lists "
+            f"them as failed (first: {first}); pass --allow-missing to score them as all-wrong"
+        )
+    partial = " pass --made to score only the images refine made there (a run with --limit, --ids or --shard, or one" \
+              " that was interrupted), or" if manifest_files(matching.pred_dir) else " pass --ids FILE to score a subset, or"
     return FileLevelError(
-        f"{n} of {total} ground-truth masks have no prediction in {matching.pred_dir} "
-        f"(first: {first_ids(matching.missing)}); pass --allow-missing to score them as all-wrong"
+        f"{n} of {total} ground-truth masks have no prediction in {matching.pred_dir} (first: {first});"
+        f"{partial} --allow-missing to score them as all-wrong"
     )
+
+
+def made_ids(pred_dir: Path) -> list[str]:
+    """The ids refine made or tried in ``pred_dir``: its masks, and the images the runs of its
+    manifests list as failed (and that have no mask since), sorted.
+
+    Raises
+    ------
+    FileLevelError
+        When ``pred_dir`` has no dhr-label manifest (it is not a refine output directory), or
+        one cannot be read.
+    """
+    manifests = manifest_files(pred_dir)
+    if not manifests:
+        raise FileLevelError(f"--made: {pred_dir} holds no dhr-label manifest (is it a refine --out?); "
+                             "list the ids to score with --ids FILE")
+    ids = set(mask_files(pred_dir))
+    for path in manifests:
+        try:
+            runs = read_manifest(path).get("runs", [])
+        except (OSError, ValueError) as exc:
+            raise FileLevelError(f"--made: cannot read the manifest {path}: {exc}") from None
+        ids.update(f["id"] for run in runs for f in run.get("failures", []) if "id" in f)
+    return sorted(ids)
+
+
+def settings_mix(matching: Matching) -> Counter:
+    """How many of the scored predictions each setting made: ``{fingerprint id: masks}``, None
+    for masks that record none (another tool's, or dhr-label's before 0.2)."""
+    return Counter(read_provenance(p.pred) for p in matching.pairs if p.pred is not None)
 
 
 def score_pair(pair: Pair, *, num_classes: int, ignore_index: int) -> tuple[np.ndarray, ImageScore]:

@@ -31,7 +31,7 @@ from ..errors import DHRLabelError, FileLevelError, InputError
 from ..io.atomic import write_bytes_atomic
 from ..io.contract import CamsFile, FeatsFile, check_id
 from ..io.ids import mask_files, read_ids
-from ..io.inputs import load_inputs
+from ..io.inputs import check_image_source, load_inputs
 from ..io.masks import read_mask
 from ..metrics import confusion_matrix, vanished_classes
 from ..metrics.crossval import CrossValidation, Tally, assign_folds, cross_validate, scores, sum_tallies
@@ -164,6 +164,17 @@ class TuneReport:
     seconds: float
 
 
+def _too_few(r: TuneRequest, ids: list[str], wanted: list[str], truth: dict) -> str:
+    """Why fewer images than folds are left, naming the side that is really short."""
+    what = f"the {len(wanted)} ids of {r.ids_file}" if r.ids_file else f"the {len(wanted)} images of {r.cams}"
+    if not truth:
+        return f"{r.gt} holds no <id>.png ground-truth mask"
+    if not ids:
+        return (f"none of {what} has a ground truth in {r.gt}: the ids differ (cams: {', '.join(sorted(wanted)[:3])}...; "
+                f"ground truth: {', '.join(list(truth)[:3])}...); are they the same images, named the same way?")
+    return f"only {len(ids)} of {what} have a ground truth in {r.gt}: too few for {r.folds}-fold cross-validation"
+
+
 def run_tune(request: TuneRequest, *, on_start=None, on_result=None) -> TuneReport:
     """Run ``request``; write ``params.json`` and ``report.json`` into its ``out``."""
     r, t0 = request, time.perf_counter()
@@ -171,16 +182,17 @@ def run_tune(request: TuneRequest, *, on_start=None, on_result=None) -> TuneRepo
     with CamsFile.open(r.cams, combined=combined) as cams:
         preset = r.preset or preset_from_classes(cams.classes, cams.background)
         check_agreement(preset, cams.classes, cams.background, str(r.cams))
-        available = set(cams.ids())
-    truth = mask_files(r.gt)
-    wanted = read_ids(r.ids_file) if r.ids_file else sorted(available)
-    unknown = [i for i in wanted if i not in available]
-    if unknown:
-        raise FileLevelError(f"{len(unknown)} id(s) of {r.ids_file} are not in {r.cams}: {', '.join(unknown[:5])}")
-    ids = sorted(i for i in wanted if i in truth)
-    without_gt = sorted(i for i in wanted if i not in truth)
-    if len(ids) < r.folds:
-        raise FileLevelError(f"{len(ids)} image(s) have ground truth in {r.gt}: too few for {r.folds}-fold cross-validation")
+        available = set(cams.require_images())
+        truth = mask_files(r.gt)
+        wanted = read_ids(r.ids_file) if r.ids_file else sorted(available)
+        unknown = [i for i in wanted if i not in available]
+        if unknown:
+            raise FileLevelError(f"{len(unknown)} id(s) of {r.ids_file} are not in {r.cams}: {', '.join(unknown[:5])}")
+        ids = sorted(i for i in wanted if i in truth)
+        without_gt = sorted(i for i in wanted if i not in truth)
+        if len(ids) < r.folds:
+            raise FileLevelError(_too_few(r, ids, wanted, truth))
+        check_image_source(cams, ids, r.images)
     job = TuneJob(r.cams, r.feats if any(v.steps.needs_features for v in r.variants) else None, r.gt, r.out, r.variants,
                   preset.background, preset.num_classes, r.images, r.base)
     _prepare(r, job)

@@ -151,3 +151,23 @@ def test_strict_stops_without_a_joblib_warning(tmp_path):
     assert result.returncode == 1
     assert "failed img_002" in result.stderr
     assert "Warning" not in result.stderr and "joblib" not in result.stderr, result.stderr
+
+
+@pytest.mark.parametrize("args, tool, message", [
+    (["refine", "--cams", "{cams}", "--row", "9"], "dhr-label refine", "--row"),  # a value out of range
+    (["refine", "--cams", "{cams}", "--eps", "-1"], "dhr-label refine", "eps must be > 0"),  # checked by the command
+    (["score", "--gt", "{dir}", "--no-such-option"], "dhr-label score", "No such option: --no-such-option"),
+    (["score", "--pred", "{dir}"], "dhr-label score", "Missing option '--gt'"),  # a required option
+    (["pack"], "dhr-label pack", "nothing to pack"),  # a rule across options
+    (["inspect"], "dhr-label inspect", "Missing argument"),
+    (["no-such-command"], "dhr-label", "No such command 'no-such-command'"),
+])
+def test_json_is_one_document_on_usage_errors_too(data, tmp_path, args, tool, message):
+    args = [a.format(cams=data.cams, dir=tmp_path) for a in args]
+    result = runner.invoke(app, [*args, "--json"])
+    assert result.exit_code == 2
+    document = json.loads(result.stdout)  # exactly one document
+    assert document["tool"] == tool and message in document["error"]
+    assert message in result.stderr and "Usage: dhr-label" in result.stderr  # Typer's message stays on stderr
+    plain = runner.invoke(app, args)
+    assert plain.exit_code == 2 and plain.stdout == ""  # without --json, stdout stays empty

@@ -38,8 +38,8 @@ SIZE = (16, 20)  # image; CAMs and features are 8 x 10 (80 cells)
 TAGS = [4, 9]  # every image's tags: the expected messages quote them
 
 
-def records():
-    return make_records(3, size=SIZE, tags=TAGS, num_classes=21, background=0)
+def records(**options):
+    return make_records(3, size=SIZE, tags=TAGS, num_classes=21, background=0, **options)
 
 
 def broken_dataset(tmp_path, damage):
@@ -186,7 +186,8 @@ def test_strict_stops_at_the_first_failure(tmp_path):
     assert result.exit_code == 1
     manifest = last_run(out)
     assert manifest["strict_stop"] is True
-    assert manifest["counts"] == {"selected": 3, "done": 1, "skipped": 0, "failed": 1, "not_run": 1}
+    assert manifest["counts"] == {"selected": 3, "done": 1, "skipped": 0, "skipped_other_settings": 0, "failed": 1,
+                                  "not_run": 1}
     assert sorted(masks_in(out)) == ["img_000"]  # ids run in sorted order with one worker
     assert [f["id"] for f in manifest["failures"]] == ["img_001"]
 
@@ -313,7 +314,16 @@ def _copy_with_attr(source, target, **attrs):
     return target
 
 
+def _without_images(source, target):
+    """A valid file of ``source``'s kind and attributes that holds no image group."""
+    with h5py.File(source, "r") as original, h5py.File(target, "w") as handle:
+        handle.attrs.update(original.attrs)
+    return target
+
+
 FILE_FAULTS = {
+    "no image": (lambda d, t: _without_images(d.cams, t / "none.h5"), "cams", "holds no image (no group at its root)"),
+    "feats with no image": (lambda d, t: _without_images(d.feats, t / "none.h5"), "feats", "holds no image"),
     "missing": (lambda d, t: t / "nope.h5", "cams", "does not exist"),
     "empty": (lambda d, t: (t / "empty.h5", (t / "empty.h5").write_bytes(b""))[0], "cams", "is empty (0 bytes)"),
     "not HDF5": (lambda d, t: (t / "x.h5", (t / "x.h5").write_bytes(b"PK\x03\x04" * 64))[0], "cams",
@@ -351,6 +361,21 @@ def test_file_level_faults_stop_with_one_line(make, which, expected, tmp_path):
     assert expected in result.stderr
     assert "Traceback" not in result.stderr
     assert not out.exists()
+
+
+def test_images_found_nowhere_are_one_message_not_one_failure_per_image(tmp_path):
+    data = make_dataset(tmp_path / "in", records=records(with_image=False))
+    out = tmp_path / "out"
+    result = run_refine(data, out)
+    assert result.exit_code == 1
+    assert result.stderr.count("\n") == 1 and "failed" not in result.stderr, result.stderr
+    assert result.stderr.startswith(f"error: no image for any of the {len(data.ids)} selected ids (first: img_000): "
+                                    f"the cams file {data.cams} holds no image dataset for them and no --images DIR was given")
+    assert not out.exists()
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    result = run_refine(data, out, "--images", str(empty))
+    assert result.exit_code == 1 and f"the --images directory {empty} holds no <id>.jpg|.jpeg|.png of them" in result.stderr
 
 
 @pytest.mark.skipif(os.geteuid() == 0, reason="root reads and writes files whatever their mode")

@@ -169,3 +169,15 @@ def test_nan_feature_cells_are_a_warning_not_an_error(tmp_path):
     result = inspect(cams, feats)
     assert result.exit_code == 0, result.stderr
     assert "warning:" in result.stderr and "NaN" in result.stderr
+
+
+def test_a_file_with_no_image_is_an_error(tmp_path):
+    cams, feats = make_inputs(tmp_path, ids=())
+    result = inspect(cams, feats, "--json")
+    assert result.exit_code == 1
+    report = json.loads(result.stdout)
+    assert report["images"] == 0 and report["errors"] == 1
+    [finding] = report["findings"]
+    assert finding["id"] is None and finding["source"] == str(cams) and "holds no image" in finding["problem"]
+    assert f"error: {cams}: holds no image" in result.stderr
+    assert "ok:" not in result.stderr and "error: 1 errors (0 images in cams.h5)" in result.stderr

@@ -41,7 +41,8 @@ def test_overwrite_replaces_and_allow_mixed_keeps(data, tmp_path):
     kept = masks_in(out)
     mixed = run_refine(data, out, "--allow-mixed")
     assert mixed.exit_code == 0, mixed.stderr
-    assert last_run(out)["counts"] == {"selected": 4, "done": 2, "skipped": 2, "failed": 0, "not_run": 0}
+    assert last_run(out)["counts"] == {"selected": 4, "done": 2, "skipped": 2, "skipped_other_settings": 2, "failed": 0,
+                                       "not_run": 0}
     assert {i: masks_in(out)[i] for i in kept} == kept
     assert last_run(out)["allow_mixed"] is True and last_run(out)["foreign_masks_left"] == 2
     assert "were made with other settings and stay" in mixed.stderr
@@ -155,3 +156,31 @@ def test_a_version_1_manifest_reads_as_history(data, tmp_path):
     assert run_refine(data, out).exit_code == 0
     runs = read_json(out / MANIFEST)["runs"]
     assert len(runs) == 2 and runs[0]["version"] == "0.1.0" and runs[1]["status"] == "complete"
+
+
+def _summary_rows(stderr: str) -> dict[str, str]:
+    """The refine summary table's rows on stderr, ``{label: value}``."""
+    rows = {}
+    for line in stderr.splitlines():
+        cells = [c.strip() for c in line.strip("│┃║|").split("│") if c.strip()]
+        if len(cells) == 2:
+            rows[cells[0]] = cells[1]
+    return rows
+
+
+def test_the_summary_counts_masks_of_other_settings_apart(data, tmp_path):
+    out = tmp_path / "masks"
+    assert run_refine(data, out, "--row", "1", "--limit", "2").exit_code == 0
+    mixed = run_refine(data, out, "--allow-mixed", "--limit", "2")  # the two selected masks are row 1's
+    assert mixed.exit_code == 0, mixed.stderr
+    rows = _summary_rows(mixed.stderr)
+    assert rows["done"] == "0" and rows["kept (made earlier with these settings)"] == "0"
+    assert rows["kept (made with other settings: a mixed directory)"] == "2"
+    assert last_run(out)["counts"]["skipped"] == 2 and last_run(out)["counts"]["skipped_other_settings"] == 2
+    resumed = run_refine(data, out, "--allow-mixed")  # two of row 1, two made now
+    rows = _summary_rows(resumed.stderr)
+    assert rows["done"] == "2" and rows["kept (made with other settings: a mixed directory)"] == "2"
+    again = run_refine(data, out)  # two of these settings, two of row 1 (the directory's latest run kept them)
+    rows = _summary_rows(again.stderr)
+    assert rows["kept (made earlier with these settings)"] == "2"
+    assert rows["kept (made with other settings: a mixed directory)"] == "2"

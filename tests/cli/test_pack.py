@@ -309,3 +309,40 @@ def test_usage_errors_exit_2(tmp_path, args, message):
     assert result.exit_code == 2
     assert message in result.stderr
     assert result.stdout == ""
+
+
+# -- output folders and image directories ------------------------------------------------------
+def _irn_files(tmp_path, ids):
+    cams_dir = tmp_path / "irn"
+    cams_dir.mkdir()
+    for n, image_id in enumerate(ids):
+        high = eighths((1, 8, 12), 60 + n)
+        save_dict(cams_dir / f"{image_id}.npy",
+                  {"keys": torch.tensor([14]), "cam": torch.from_numpy(high[:, ::4, ::4]), "high_res": high})
+    return cams_dir
+
+
+def test_pack_creates_the_folders_of_its_outputs(tmp_path):
+    ids = ["a", "b"]
+    dirs, _ = write_common(tmp_path, ids)
+    uss_dir, _, _, img_dir = dirs
+    cams, feats = tmp_path / "packed" / "cams.h5", tmp_path / "packed" / "deeper" / "feats.h5"
+    result = pack("--cams-npy", _irn_files(tmp_path, ids), "--cams-style", "irn", "--images", img_dir, "--classes", "voc",
+                  "--uss-pt", uss_dir, "--out-cams", cams, "--out-feats", feats)
+    assert result.exit_code == 0, result.stderr
+    with CamsFile.open(cams) as c, FeatsFile.open(feats) as f:
+        assert c.ids() == f.ids() == ids
+
+
+def test_an_image_directory_without_the_images_is_one_message(tmp_path):
+    ids = ["a", "b", "c"]
+    wrong = tmp_path / "elsewhere"
+    wrong.mkdir()
+    Image.fromarray(np.zeros((8, 12, 3), np.uint8)).save(wrong / "unrelated.png")
+    result = pack("--cams-npy", _irn_files(tmp_path, ids), "--cams-style", "irn", "--images", wrong, "--classes", "voc",
+                  "--out-cams", tmp_path / "cams.h5", "--json")
+    assert result.exit_code == 1
+    assert result.stderr.count("error:") == 1 and "failed" not in result.stderr
+    error = json.loads(result.stdout)["error"]
+    assert f"--images {wrong}: no <id>.jpg|.jpeg|.png of any of the 3 ids to pack (first: a)" in error
+    assert not (tmp_path / "cams.h5").exists()

@@ -99,7 +99,8 @@ def test_manifest_records_parameters_inputs_and_counts(data, tmp_path):
     assert run["fingerprint_id"] == manifest["fingerprint_id"] and run["status"] == "complete"
     assert run["inputs"]["cams"]["bytes"] == data.cams.stat().st_size
     assert run["inputs"]["feats"]["bytes"] == data.feats.stat().st_size
-    assert run["counts"] == {"selected": 3, "done": 3, "skipped": 0, "failed": 0, "not_run": 0}
+    assert run["counts"] == {"selected": 3, "done": 3, "skipped": 0, "skipped_other_settings": 0, "failed": 0,
+                             "not_run": 0}
     assert run["failures"] == []
     assert run["interrupted"] is False and run["error"] is None
 

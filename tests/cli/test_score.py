@@ -218,3 +218,108 @@ def test_bad_option_is_a_usage_error(tmp_path):
     result = score("--gt", tmp_path / "nowhere")
     assert result.exit_code == 2
     assert result.stdout == ""
+
+
+# -- --compare: which classes a setting rescues or loses (vanished pairs per class) -------------
+# 24 labelled pixels: background 12, aeroplane (1) 6, bicycle (2) 6; every class eligible.
+THREE = np.array([
+    [0, 0, 1, 1, 2, 2],
+    [0, 0, 1, 1, 2, 2],
+    [0, 0, 1, 1, 2, 2],
+    [0, 0, 0, 0, 0, 0],
+], dtype=np.uint8)
+
+
+def _without(mask, cls):
+    """``mask`` with class ``cls`` handed to the background: that (image, class) pair vanishes (IoU 0)."""
+    return np.where(mask == cls, 0, mask)
+
+
+def test_compare_counts_the_vanished_pairs_each_class_rescues_and_loses(tmp_path):
+    gt = write(tmp_path / "gt", {"a": THREE, "b": THREE, "c": THREE})
+    # a: PRED rescues the aeroplane COMPARE lost; b: PRED loses the bicycle COMPARE kept; c: both lose the aeroplane.
+    pred = write(tmp_path / "pred", {"a": THREE, "b": _without(THREE, 2), "c": _without(THREE, 1)})
+    other = write(tmp_path / "other", {"a": _without(THREE, 1), "b": THREE, "c": _without(THREE, 1)})
+    comparison = as_json(score("--pred", pred, "--gt", gt, "--compare", other, "--json"))["comparison"]
+    rows = {row["name"]: row for row in comparison["per_class"]}
+    keys = ("vanished_pairs_compare", "vanished_pairs", "delta_vanished_pairs", "rescued_pairs", "lost_pairs")
+    assert [rows["aeroplane"][k] for k in keys] == [2, 1, -1, 1, 0]
+    assert [rows["bicycle"][k] for k in keys] == [0, 1, 1, 0, 1]
+    assert [rows["background"][k] for k in keys] == [0, 0, 0, 0, 0]
+    v = comparison["vanished"]  # the totals tie, 2 and 2: only the per-class view shows what changed
+    assert (v["compare"]["vanished"], v["pred"]["vanished"], v["delta"], v["rescued"], v["lost"]) == (2, 2, 0, 1, 1)
+
+    table = score("--pred", pred, "--gt", gt, "--compare", other)
+    assert table.exit_code == 0, table.stderr
+    cells = {line.split("│")[1].strip(): [c.strip() for c in line.split("│")[2:-1]]
+             for line in table.stdout.splitlines() if line.count("│") == 10}
+    assert cells["aeroplane"][3:] == ["2/3", "1/3", "-1", "1", "0"]
+    assert cells["bicycle"][3:] == ["0/3", "1/3", "+1", "0", "1"]
+    assert cells["mIoU / all pairs"][3:] == ["2/9", "2/9", "+0", "1", "1"]
+
+    assert score("--pred", pred, "--gt", gt, "--compare", other, "--csv", tmp_path / "csv").exit_code == 0
+    with open(tmp_path / "csv" / "classes.csv") as handle:
+        written = {row["name"]: row for row in csv.DictReader(handle)}
+    assert [written["aeroplane"][k] for k in keys] == ["2", "1", "-1", "1", "0"]
+    assert [written["bicycle"][k] for k in keys] == ["0", "1", "1", "0", "1"]
+
+
+# -- partial and mixed prediction directories ----------------------------------------------------
+@pytest.fixture
+def labelled(tmp_path):
+    """Four generated images (img_001's CAM is broken: refine fails it) and their ground truth."""
+    from helpers_h5 import make_dataset, make_records
+
+    records = make_records(4, size=(16, 20))
+    records["img_001"]["cam"][0, 0, 0] = np.nan
+    data = make_dataset(tmp_path / "in", records=records)
+    gt = write(tmp_path / "gt", {i: r["truth"] for i, r in records.items()})
+    return data, gt
+
+
+def test_a_partial_run_is_scored_on_the_images_it_made(labelled, tmp_path):
+    from helpers_h5 import run_refine
+
+    data, gt = labelled
+    out = tmp_path / "masks"
+    assert run_refine(data, out, "--row", "1", "--limit", "3").exit_code == 1  # img_001 failed
+    refused = score("--gt", gt, "--pred", out)
+    assert refused.exit_code == 1
+    assert "2 of 4 ground-truth masks have no prediction" in refused.stderr
+    assert "pass --made to score only the images refine made there" in " ".join(refused.stderr.split())
+    failed = score("--gt", gt, "--pred", out, "--made", "--json")  # img_003 was never selected; img_001 failed
+    assert failed.exit_code == 1
+    assert "1 of the 3 images refine made or tried" in json.loads(failed.stdout)["error"]
+    report = as_json(score("--gt", gt, "--pred", out, "--made", "--allow-missing", "--json"))
+    assert report["images"]["scored"] == 3 and report["images"]["missing_ids"] == ["img_001"]
+    assert sorted(i["id"] for i in report["per_image"]) == ["img_000", "img_001", "img_002"]
+    ids = tmp_path / "ids.txt"
+    ids.write_text("img_000\n")
+    both = score("--gt", gt, "--pred", out, "--made", "--ids", ids)
+    assert both.exit_code == 2 and "--made and --ids" in both.stderr
+    lone = write(tmp_path / "lone", {"img_000": data.records["img_000"]["truth"]})  # masks, no manifest
+    result = score("--gt", gt, "--pred", lone, "--made")
+    assert result.exit_code == 1 and "holds no dhr-label manifest" in result.stderr
+
+
+def test_score_warns_when_the_masks_were_made_with_several_settings(labelled, tmp_path):
+    from helpers_h5 import run_refine
+
+    data, gt = labelled
+    out = tmp_path / "masks"
+    run_refine(data, out, "--row", "1", "--ids", str(write_ids(tmp_path, "img_000", "img_002")))
+    run_refine(data, out, "--row", "4", "--allow-mixed")  # img_003 with Step 1's settings beside row 1's
+    ids = write_ids(tmp_path, "img_000", "img_002", "img_003")
+    result = score("--gt", gt, "--pred", out, "--ids", ids, "--json")
+    report = as_json(result)
+    [warning] = report["warnings"]
+    assert "mixes masks made with 2 settings (2 with settings " in warning and ", 1 with settings " in warning
+    assert "warning: " in result.stderr and "this score blends them" in " ".join(result.stderr.split())
+    alone = as_json(score("--gt", gt, "--pred", out, "--ids", write_ids(tmp_path, "img_000", "img_002"), "--json"))
+    assert alone["warnings"] == []  # the masks scored were made with one setting
+
+
+def write_ids(directory, *ids):
+    path = directory / f"ids-{len(ids)}-{ids[0]}.txt"
+    path.write_text("\n".join(ids) + "\n")
+    return path

@@ -158,3 +158,33 @@ def test_held_out_scores_are_of_the_setting_chosen_without_that_fold():
     cv = cross_validate([[_tally(*c) for c in folds] for folds in counts], "miou")
     assert [f.chosen for f in cv.folds] == [1, 1, 0]
     assert cv.pooled["miou"] == pytest.approx(_miou(7 + 7 + 0, 3 + 3 + 10, 3))
+
+
+def test_tables_are_not_cut_when_stdout_is_a_pipe(labelled, tmp_path, monkeypatch):
+    # As for a user who pipes the table into a file from an 80-column terminal (Rich measures the
+    # terminal of any standard stream and would crop the table to it).
+    import os
+
+    monkeypatch.setattr(os, "get_terminal_size", lambda fd=0: os.terminal_size((80, 24)))
+    data, gt = labelled
+    grid = ["--grid", "rho=0.0,0.5", "--grid", "marginal-floor=0.01,0.03", "--grid", "crf-bi-compat=3.5,4.5"]
+    result = tune(data, gt, tmp_path / "tune", "--row", "4", *grid, "--folds", "2")
+    assert result.exit_code == 0, result.stderr
+    chosen = json.loads((tmp_path / "tune" / "report.json").read_text())["chosen"]
+    whole = ", ".join(f"{k}={v}" for k, v in chosen.items())  # the setting as the tables write it
+    assert len(whole) > 40 and max(map(len, result.stdout.splitlines())) > 80
+    folds = result.stdout[result.stdout.index("-fold cross-validation"):]
+    assert "chosen on the others" in folds and whole in folds  # the last column, whole
+
+
+def test_ground_truth_of_other_images_is_named_as_such(labelled, tmp_path):
+    data, _ = labelled
+    other = tmp_path / "gt-of-others"
+    other.mkdir()
+    for n in range(4):
+        write_mask(other / f"frame_{n:03d}.png", np.zeros((24, 32), np.uint8), PRESETS["voc"].palette)
+    result = tune(data, other, tmp_path / "tune", "--grid", "rho=0.0,0.5", "--json")
+    assert result.exit_code == 1
+    error = json.loads(result.stdout)["error"]
+    assert error.startswith(f"none of the 6 images of {data.cams} has a ground truth in {other}: the ids differ")
+    assert "img_000" in error and "frame_000" in error

@@ -8,6 +8,7 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from dhr_label.cli import app
+from dhr_label.runtime import parallel
 from dhr_label.runtime.parallel import chunked, cluster_threads, dask_client, map_chunks
 
 distributed = pytest.importorskip("distributed")
@@ -75,7 +76,7 @@ def test_masks_equal_the_loky_run(cluster, data, tmp_path):
 def test_usage_errors(data, tmp_path, extra, message):
     result = refine(data[0], tmp_path / "out", *extra)
     assert result.exit_code == 2
-    assert message in result.stderr and result.stdout == ""
+    assert message in result.stderr and message in json.loads(result.stdout)["error"]  # --json: one document
 
 
 def test_a_bad_scheduler_address_is_one_line(data, tmp_path):
@@ -83,3 +84,63 @@ def test_a_bad_scheduler_address_is_one_line(data, tmp_path):
     assert result.exit_code == 1
     assert "is not a Dask scheduler address" in result.stderr and "Traceback" not in result.stderr
     assert result.stderr.count("error:") == 1
+
+
+@pytest.fixture(scope="module")
+def elsewhere(tmp_path_factory):
+    """A scheduler and two worker processes started in a directory of their own, as on a
+    cluster whose workers do not share the submitting shell's working directory."""
+    import subprocess
+    import sys
+
+    cwd = tmp_path_factory.mktemp("workers-cwd")
+    # dashboard_address ":0": its HTTP server on a free port (the module's other cluster holds 8787)
+    with distributed.LocalCluster(n_workers=0, dashboard_address=":0") as local:
+        workers = [
+            subprocess.Popen([sys.executable, "-m", "distributed.cli.dask_worker", local.scheduler_address, "--nthreads", "1",
+                              "--no-nanny", "--no-dashboard"], cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            for _ in range(2)
+        ]
+        try:
+            with distributed.Client(local.scheduler_address, set_as_default=False) as client:
+                client.wait_for_workers(2, timeout=120)
+            yield local.scheduler_address
+        finally:
+            for worker in workers:
+                worker.terminate()
+            for worker in workers:
+                try:
+                    worker.wait(timeout=30)
+                except subprocess.TimeoutExpired:
+                    worker.kill()
+                    worker.wait()
+
+
+def test_relative_paths_reach_workers_started_elsewhere(elsewhere, data, tmp_path, monkeypatch):
+    data_dir, ids = data
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "in").symlink_to(data_dir)
+    relative = ["refine", "--cams", "in/cams.h5", "--feats", "in/feats.h5", "--json"]
+    result = runner.invoke(app, [*relative, "--out", "dask", "--backend", "dask", "--scheduler", elsewhere])
+    assert result.exit_code == 0, result.stderr
+    assert json.loads(result.stdout)["counts"]["done"] == IMAGES
+    result = runner.invoke(app, [*relative, "--out", "local", "--workers", "2"])
+    assert result.exit_code == 0, result.stderr
+    for image_id in ids:
+        dask_mask = np.asarray(Image.open(tmp_path / "dask" / f"{image_id}.png"))
+        local_mask = np.asarray(Image.open(tmp_path / "local" / f"{image_id}.png"))
+        assert np.array_equal(dask_mask, local_mask), image_id
+
+
+def test_an_unreachable_scheduler_is_reported_before_anything_is_written(data, tmp_path, monkeypatch):
+    import socket
+
+    monkeypatch.setattr(parallel, "CONNECT_TIMEOUT", "2s")  # the run's 20 s, shortened for the suite
+    with socket.socket() as probe:  # a port nothing listens on
+        probe.bind(("127.0.0.1", 0))
+        address = f"tcp://127.0.0.1:{probe.getsockname()[1]}"
+    out = tmp_path / "out"
+    result = refine(data[0], out, "--backend", "dask", "--scheduler", address)
+    assert result.exit_code == 1
+    assert f"cannot reach the Dask scheduler at {address}" in result.stderr
+    assert not out.exists()  # no manifest, no pooled prototypes, no directory

@@ -3,7 +3,7 @@ masks, reused on resume, read from a file; masks that depend neither on the work
 the selection."""
 import numpy as np
 import pytest
-from helpers_h5 import last_run, make_dataset, masks_in, pixels_in, run_refine
+from helpers_h5 import last_run, make_dataset, make_records, masks_in, pixels_in, read_json, run_refine
 
 from dhr_label.core.prototypes import Prototypes, add_sums, finish, image_sums
 from dhr_label.io.contract import CamsFile, FeatsFile
@@ -32,7 +32,8 @@ def test_the_run_pools_every_image_and_saves_the_prototypes(data, pooled):
     out, _ = pooled
     record = last_run(out)["prototypes"]
     assert record.pop("seconds") > 0
-    assert record == {"source": "pooled", "file": str(out / FILE_NAME), "images": N, "skipped": 0, "available": True}
+    assert record == {"source": "pooled", "file": str(out / FILE_NAME), "images": N, "skipped": 0, "unreadable": 0,
+                      "available": True}
     sums = None  # what the core's map/reduce gives over the base masks of every image
     with CamsFile.open(data.cams) as cams, FeatsFile.open(data.feats) as feats:
         for image_id in data.ids:
@@ -137,3 +138,39 @@ def test_pooling_reads_base_masks_and_features_only(data, monkeypatch):
         monkeypatch.setattr(CamsFile, name, lambda self, *a, _o=original, _n=name, **k: read.append(_n) or _o(self, *a, **k))
     run = pool(PoolJob(data.cams, data.feats, len(data.classes), wss=True), workers=1)
     assert run.images == N and read == []
+
+
+def test_the_summary_says_why_images_were_not_pooled(tmp_path):
+    records = make_records(4, size=(16, 24), feat_dim=6, seed=3)
+    records["img_001"]["base"] = None  # nothing to pool from
+    records["img_002"]["uss"] = None  # a base mask, but no features to pool
+    data = make_dataset(tmp_path / "in", records=records)
+    out = tmp_path / "masks"
+    result = run_refine(data, out, *OURS)
+    assert result.exit_code == 1  # img_002 fails in the run, naming its missing dataset
+    assert "failed img_002" in result.stderr and "/img_002/uss" in result.stderr
+    assert ("class prototypes: pooled from the base masks of 2 images (1 without a base mask; 1 whose base mask or "
+            "features could not be read: refining it fails and says why)") in " ".join(result.stderr.split())
+    record = last_run(out)["prototypes"]
+    assert (record["images"], record["skipped"], record["unreadable"]) == (2, 2, 1)
+
+
+@pytest.mark.filterwarnings("ignore::dhr_label.core.ot.OTConvergenceWarning")  # tiny scenes; the CLI notes them alike
+def test_the_api_gives_the_clis_masks_given_the_same_prototypes(data, pooled):
+    # The README's promise: dhr_label.refine equals refine's masks when it gets the prototypes the
+    # command line pooled (from every base mask of the cams file) and its parameters.
+    from PIL import Image
+    from threadpoolctl import threadpool_limits
+
+    import dhr_label
+    from dhr_label import DHRParams
+
+    out, _ = pooled
+    prototypes, _ = load(out / FILE_NAME, num_classes=len(data.classes), wss=True)
+    params = DHRParams.from_dict(read_json(out / "dhr-label-manifest.json")["parameters"])
+    with CamsFile.open(data.cams) as cams, FeatsFile.open(data.feats) as feats, threadpool_limits(limits=1):
+        for image_id in data.ids[:4]:
+            i = load_inputs(image_id, cams, feats, uss=True, wss=True)
+            state = dhr_label.refine_image(i.cam, i.labels, image=i.image, base=i.base, uss=i.uss, wss=i.wss,
+                                     background=data.background, params=params, prototypes=prototypes)
+            np.testing.assert_array_equal(state.mask, np.asarray(Image.open(out / f"{image_id}.png")), err_msg=image_id)

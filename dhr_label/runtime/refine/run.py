@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -17,6 +18,7 @@ from pathlib import Path
 from ...errors import DHRLabelError, FileLevelError
 from ...io.contract import CamsFile, FeatsFile
 from ...io.ids import read_ids
+from ...io.inputs import check_image_source
 from ...io.manifest import describe_file, manifest_path, new_manifest, read_manifest, write_manifest
 from ...params import CRFBackend, DHRParams
 from ...presets import Preset, check_agreement, preset_from_classes
@@ -102,20 +104,23 @@ def run_refine(
     Raises :class:`~dhr_label.errors.DHRLabelError` for what stops the run before any image
     (a missing file, a locked or mixed output directory); everything after is in the report.
     """
-    r, params = request, request.params
+    r, params = absolute_paths(request), request.params
     combined = r.feats is not None and Path(r.cams).resolve() == Path(r.feats).resolve()
     with CamsFile.open(r.cams, combined=combined) as cams_file:
         preset = r.preset or preset_from_classes(cams_file.classes, cams_file.background)
         check_agreement(preset, cams_file.classes, cams_file.background, str(r.cams))
-        available = cams_file.ids()
+        available = cams_file.require_images()
+        selected, unknown = select_ids(available, wanted=read_ids(r.ids_file) if r.ids_file else None, shard=r.shard,
+                                       limit=r.limit)
+        if unknown:
+            shown = ", ".join(unknown[:5]) + (" ..." if len(unknown) > 5 else "")
+            raise FileLevelError(f"{len(unknown)} id(s) of {r.ids_file} are not in {r.cams}: {shown}")
+        check_image_source(cams_file, selected, r.images)
     if params.steps.needs_features:
         # A file-level fault of feats.h5 stops the run here; an id missing from it fails that
         # image alone, in its worker, like any other missing dataset.
-        FeatsFile.open(r.feats, combined=combined).close()
-    selected, unknown = select_ids(available, wanted=read_ids(r.ids_file) if r.ids_file else None, shard=r.shard, limit=r.limit)
-    if unknown:
-        shown = ", ".join(unknown[:5]) + (" ..." if len(unknown) > 5 else "")
-        raise FileLevelError(f"{len(unknown)} id(s) of {r.ids_file} are not in {r.cams}: {shown}")
+        with FeatsFile.open(r.feats, combined=combined) as feats_file:
+            feats_file.require_images()
     given = None  # --prototypes, read here: a bad file stops the run before any image
     if params.uses_prototypes and r.prototypes is not None:
         given = prototypes_from_file(r.prototypes, num_classes=len(preset.classes), wss=params.steps.needs_wss)
@@ -123,46 +128,53 @@ def run_refine(
     fp = fingerprint(params=params, preset=preset, cams=r.cams, feats=r.feats, images=r.images, base=r.base, device=device,
                      prototypes=r.prototypes)
     fid = fingerprint_id(fp)
-    prepare_output(r.out)
-    target = MaskTarget(r.out, preset.palette, new_token(), fid)
-    job = RefineJob(r.cams, r.feats if params.steps.needs_features else None, params, preset.background, target, r.images, r.base)
-    about = f"refine, settings {fid}, shard {r.shard.index}/{r.shard.count}, started {time.strftime('%Y-%m-%d %H:%M:%S')}"
-    with output_lock(r.out, group=f"{fid}/{r.shard.count}", shard=r.shard, token=target.token, run=about):
-        directory = read_directory(r.out)
-        todo, foreign_left = plan(selected, directory, fid, fp, out=r.out, overwrite=r.overwrite, allow_mixed=r.allow_mixed)
-        ledger = RunLedger(selected=len(selected), skipped=len(selected) - len(todo))
-        before = mask_stats(r.out, todo)
-        path = manifest_path(r.out, r.shard.tag)
-        manifest = _manifest(path, fp, fid, preset, params, r.shard)
-        record = _about(r, fid, foreign_left)
-        _write(path, manifest, ledger.record_dict(status="running", **record))
-        interrupted, error, protos = None, None, None
-        try:
-            with stop_on_signals(), InterruptWatch() as watch:
-                if params.uses_prototypes and todo:
-                    protos = given or _pooled_prototypes(r, preset, fid)
-                    record["prototypes"] = protos.record()
-                    job = dataclasses.replace(job, prototypes=protos.prototypes)
-                with _engine(r, job) as (run, workers):
-                    record["engine"]["workers"] = workers
-                    if on_start is not None:
-                        on_start(len(todo), ledger.skipped)
-                    error = _drive(run(todo), ledger, watch, strict=r.strict, on_result=on_result)
-        except KeyboardInterrupt as exc:  # Ctrl-C, SIGTERM, SIGHUP
-            interrupted = exc
-        except DHRLabelError as exc:
-            error = str(exc)
-        except Exception as exc:  # noqa: BLE001 - a worker died (out of memory, a crash): report, keep the counts
-            error = f"the run stopped: {type(exc).__name__}: {exc}"
-        # Masks written by workers stopped before they could report (renamed into place: complete).
-        ledger.add_unreported(written_since(r.out, [i for i in todo if i not in ledger.reported], before))
-        status = "interrupted" if interrupted else "stopped" if error or (r.strict and ledger.failed) else "complete"
-        record.update(status=status, interrupted=interrupted is not None, error=error, strict_stop=bool(r.strict and ledger.failed))
-        written = path
-        try:
-            _write(path, manifest, ledger.record_dict(**record), replace=True)
-        except DHRLabelError as exc:  # the disk that stopped the masks stops the manifest too
-            error, written = f"{error}; {exc}" if error else str(exc), None
+    # A Dask cluster is reached before anything is written or pooled: a wrong address stops the
+    # run here, with nothing in --out.
+    with _cluster(r) as client:
+        prepare_output(r.out)
+        target = MaskTarget(r.out, preset.palette, new_token(), fid)
+        job = RefineJob(r.cams, r.feats if params.steps.needs_features else None, params, preset.background, target, r.images,
+                        r.base)
+        about = f"refine, settings {fid}, shard {r.shard.index}/{r.shard.count}, started {time.strftime('%Y-%m-%d %H:%M:%S')}"
+        with output_lock(r.out, group=f"{fid}/{r.shard.count}", shard=r.shard, token=target.token, run=about):
+            directory = read_directory(r.out)
+            todo, foreign_left = plan(selected, directory, fid, fp, out=r.out, overwrite=r.overwrite, allow_mixed=r.allow_mixed)
+            kept = set(selected) - set(todo)
+            ledger = RunLedger(selected=len(selected), skipped=len(kept),
+                               skipped_other_settings=sum(directory.provenance.get(i) != fid for i in kept))
+            before = mask_stats(r.out, todo)
+            path = manifest_path(r.out, r.shard.tag)
+            manifest = _manifest(path, fp, fid, preset, params, r.shard)
+            record = _about(r, fid, foreign_left)
+            _write(path, manifest, ledger.record_dict(status="running", **record))
+            interrupted, error, protos = None, None, None
+            try:
+                with stop_on_signals(), InterruptWatch() as watch:
+                    if params.uses_prototypes and todo:
+                        protos = given or _pooled_prototypes(r, preset, fid)
+                        record["prototypes"] = protos.record()
+                        job = dataclasses.replace(job, prototypes=protos.prototypes)
+                    with _engine(r, job, client) as (run, workers):
+                        record["engine"]["workers"] = workers
+                        if on_start is not None:
+                            on_start(len(todo), ledger.skipped)
+                        error = _drive(run(todo), ledger, watch, strict=r.strict, on_result=on_result)
+            except KeyboardInterrupt as exc:  # Ctrl-C, SIGTERM, SIGHUP
+                interrupted = exc
+            except DHRLabelError as exc:
+                error = str(exc)
+            except Exception as exc:  # noqa: BLE001 - a worker died (out of memory, a crash): report, keep the counts
+                error = f"the run stopped: {type(exc).__name__}: {exc}"
+            # Masks written by workers stopped before they could report (renamed into place: complete).
+            ledger.add_unreported(written_since(r.out, [i for i in todo if i not in ledger.reported], before))
+            status = "interrupted" if interrupted else "stopped" if error or (r.strict and ledger.failed) else "complete"
+            record.update(status=status, interrupted=interrupted is not None, error=error,
+                          strict_stop=bool(r.strict and ledger.failed))
+            written = path
+            try:
+                _write(path, manifest, ledger.record_dict(**record), replace=True)
+            except DHRLabelError as exc:  # the disk that stopped the masks stops the manifest too
+                error, written = f"{error}; {exc}" if error else str(exc), None
     warnings = [f"{foreign_left} mask(s) in {r.out} were made with other settings and stay: the directory is mixed "
                 "(the manifest records it)"] if foreign_left else []
     if protos is not None and protos.prototypes is None:
@@ -274,14 +286,31 @@ def _write(path: Path, manifest: dict, record: dict, *, replace: bool = False) -
         raise FileLevelError(f"cannot write the manifest {path}: {exc.strerror or exc}") from None
 
 
+def absolute_paths(request: RefineRequest) -> RefineRequest:
+    """``request`` with every path absolute: the workers of a Dask cluster (and the run's own
+    worker processes) may start in another directory, where a relative path names nothing."""
+    paths = ("cams", "feats", "out", "images", "base", "ids_file", "prototypes")
+    return dataclasses.replace(request, **{name: Path(os.path.abspath(getattr(request, name)))
+                                           for name in paths if getattr(request, name) is not None})
+
+
 @contextlib.contextmanager
-def _engine(r: RefineRequest, job: RefineJob):
-    """``(run, workers)``: ``run(ids)`` yields every image's result; a Dask client stays
-    connected for the block, its cluster's threads being the worker count."""
-    if r.backend == "dask":
-        with dask_client(r.scheduler) as client:
-            threads = cluster_threads(client)
-            yield partial(run_images, job, workers=threads, backend="dask", client=client), threads
+def _cluster(r: RefineRequest):
+    """The connected Dask client of ``--backend dask`` for the block (None for loky)."""
+    if r.backend != "dask":
+        yield None
+        return
+    with dask_client(r.scheduler) as client:
+        yield client
+
+
+@contextlib.contextmanager
+def _engine(r: RefineRequest, job: RefineJob, client):
+    """``(run, workers)``: ``run(ids)`` yields every image's result; with a Dask ``client``
+    (:func:`_cluster`), its cluster's threads are the worker count."""
+    if client is not None:
+        threads = cluster_threads(client)
+        yield partial(run_images, job, workers=threads, backend="dask", client=client), threads
         return
     workers = r.workers or default_workers()
     if _executor(r) == "batches":
