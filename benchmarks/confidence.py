@@ -22,8 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from dhr_label.cli.options import field_of, parse_value
-from dhr_label.core.crf import image_crf
-from dhr_label.core.dhr import refine
+from dhr_label.core.dhr import refine_image
 from dhr_label.io.contract import CamsFile, FeatsFile
 from dhr_label.io.inputs import load_inputs
 from dhr_label.io.masks import read_mask
@@ -43,8 +42,8 @@ def image_counts(data: Path, num_classes: int, background: int | None, params: D
     with CamsFile.open(data / "cams.h5") as cams, FeatsFile.open(data / "feats.h5") as feats:
         for image_id in ids:
             inputs = load_inputs(image_id, cams, feats, uss=True, wss=True)
-            state = refine(inputs.cam, inputs.labels, image=inputs.image, base=inputs.base, uss=inputs.uss, wss=inputs.wss,
-                           background=background, params=params, crf=image_crf(inputs.image, params.crf), prototypes=prototypes)
+            state = refine_image(inputs.cam, inputs.labels, image=inputs.image, base=inputs.base, uss=inputs.uss, wss=inputs.wss,
+                                 background=background, params=params, prototypes=prototypes)
             gt = read_mask(data / "gt" / f"{image_id}.png")
             confidence = np.ones(gt.shape) if state.confidence is None else state.confidence  # one class: no CRF
             confusions = []

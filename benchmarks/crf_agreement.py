@@ -1,9 +1,10 @@
 """Contract check: the torch DenseCRF against pydensecrf on DHR's real unaries.
 
 1. CamVid val (or any dhr-label v1 directory with ``cams.h5`` and ``feats.h5``): every image
-   is refined by the numpy DHR core (``dhr_label.core.dhr.refine``, default parameters) with a
-   recording pydensecrf CRF, which keeps the channel values of both DHR passes exactly as they
-   reach ``ImageCRF`` (pass 1: the upsampled seed scores; pass 2: the upsampled heat maps).
+   is refined by the stages (``dhr_label.core.stages.run_stages``, default parameters, a batch of
+   one as a CPU worker runs it) with a recording pydensecrf CRF, which keeps the channel values of
+   both DHR passes exactly as they reach the CRF (pass 1: the upsampled seed scores; pass 2: the
+   upsampled heat maps).
    The recorded calls are then replayed through the torch CRF, several images per batch (mixed
    label counts, as a batched run has them), and compared with pydensecrf's marginals.
 2. Generated VOC / COCO-scale scenes (333 x 500 and 427 x 640): the CamVid photos bilinearly
@@ -36,7 +37,8 @@ import torch.nn.functional as F
 
 from dhr_label.core.crf.meanfield import BatchCRF
 from dhr_label.core.crf.pydense import PydenseCRF
-from dhr_label.core.dhr import refine
+from dhr_label.core.pipeline import new_state, start
+from dhr_label.core.stages import CRFCache, run_stages
 from dhr_label.io.contract import CamsFile, FeatsFile
 from dhr_label.io.inputs import load_inputs
 from dhr_label.params import CRFParams, DHRParams
@@ -48,23 +50,25 @@ def log(*args) -> None:
     print(*args, file=sys.stderr, flush=True)
 
 
-class RecordingCRF:
-    """pydensecrf for one image (the wrapper), recording the channel values of every call."""
+class RecordingCRF(CRFCache):
+    """pydensecrf for one image (the wrapper), recording the channel values of every call: the
+    CRFs the scheduler gets for the image (``ImageCRFs`` of a batch of one)."""
 
     def __init__(self, image: np.ndarray, params: CRFParams):
+        super().__init__(params)
         self._crf = PydenseCRF(image, params)
-        self.height, self.width = self._crf.height, self._crf.width
         self.calls: list[np.ndarray] = []
         self.outputs: list[np.ndarray] = []
 
-    def marginals(self, probs: np.ndarray) -> np.ndarray:
-        self.calls.append(np.array(probs, dtype=np.float32))
-        q = self._crf.marginals(probs)
-        self.outputs.append(q)
-        return q
+    def get(self, images):
+        return self
 
-    def labels(self, probs: np.ndarray) -> np.ndarray:
-        return np.argmax(self.marginals(probs), axis=0)
+    def marginals(self, probs: list) -> list:
+        (p,) = probs
+        self.calls.append(p.numpy().astype(np.float32))
+        q = self._crf.marginals(self.calls[-1])
+        self.outputs.append(q)
+        return [torch.from_numpy(q)]
 
 
 def pydensecrf_on_unary(image: np.ndarray, unary: np.ndarray, params: CRFParams) -> np.ndarray:
@@ -121,10 +125,8 @@ def camvid_records(data: Path, count: int, params: DHRParams) -> list[dict]:
         for i, image_id in enumerate(ids):
             inputs = load_inputs(image_id, cams, feats, uss=params.steps.needs_uss, wss=params.steps.needs_wss)
             crf = RecordingCRF(inputs.image, params.crf)
-            refine(
-                inputs.cam, inputs.labels, image=inputs.image, base=inputs.base, uss=inputs.uss, wss=inputs.wss,
-                background=cams.background, params=params, crf=crf,
-            )
+            state = new_state(inputs.cam, inputs.labels, inputs.image, inputs.base, inputs.uss, inputs.wss, cams.background)
+            run_stages([start(state, params)], params, crfs=crf)
             records.append({"id": image_id, "image": np.ascontiguousarray(inputs.image), "calls": crf.calls, "outputs": crf.outputs})
             log(f"  refined {i + 1}/{len(ids)} {image_id}: {len(crf.calls)} CRF calls, labels {[len(c) for c in crf.calls]}")
     return records

@@ -13,7 +13,11 @@ For each dataset given (the CamVid benchmark, generated inputs from make_inputs.
    workers on N images, ``T1 / (2 T2)`` (target >= 90 %), from the command's own timing;
 4. with ``--rss DIR ...``: the peak resident memory of a whole ``dhr-label refine -j 2`` run
    (parent and workers summed, sampled every 20 ms) on each directory;
-5. the machine, its load average before and after (the ratios come from one run).
+5. with ``--compare-with DIR`` (a checkout of another version, e.g. ``git worktree add /tmp/v04
+   v0.4``): ``dhr-label refine`` of that version and of this one on the same ``--compare-images``
+   images with 1 and 2 workers, run alternately (``--repeat`` pairs, so the load of a shared
+   machine hits both alike), and the ratio of their times per image;
+6. the machine, its load average before and after (the ratios come from one run).
 
 Every process runs with one BLAS/OpenMP thread (as the workers do): two threads per
 process on a busy 2-core machine made small matrix products 20x slower.
@@ -194,22 +198,27 @@ def engine_vs_floor(data: Path, count: int, params: DHRParams) -> dict:
 # 3-4: the command, parallel efficiency and peak memory
 # ----------------------------------------------------------------------------------------------
 def refine_command(data: Path, out: Path, workers: int, extra: list[str]) -> list[str]:
+    classes = ["--classes", str(data / "classes.txt")] if (data / "classes.txt").exists() else []
     return [
         sys.executable, "-m", "dhr_label", "refine", "--cams", str(data / "cams.h5"), "--feats", str(data / "feats.h5"),
-        "--out", str(out), "--workers", str(workers), "--overwrite", "--json", *extra,
+        "--out", str(out), "--workers", str(workers), "--overwrite", "--json", *classes, *extra,
     ]
 
 
-def run_command(command: list[str], *, sample_rss: bool = False) -> tuple[dict, float, int, float]:
-    """Run ``dhr-label refine``; its JSON summary, wall seconds, the peak summed RSS of its
-    process tree (bytes, 0 unless ``sample_rss``) and the CPU seconds of the whole tree."""
+def run_command(command: list[str], *, sample_rss: bool = False, checkout: Path | None = None) -> tuple[dict, float, int, float]:
+    """Run ``dhr-label refine`` (of ``checkout`` when given: its package first on the path); its
+    JSON summary, wall seconds, the peak summed RSS of its process tree (bytes, 0 unless
+    ``sample_rss``) and the CPU seconds of the whole tree."""
     import resource
 
     import psutil
 
+    env = dict(os.environ)
+    if checkout is not None:
+        env["PYTHONPATH"] = str(checkout) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     start = time.perf_counter()
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     peak = 0
     stop = threading.Event()
 
@@ -270,6 +279,27 @@ def parallel_efficiency(data: Path, count: int) -> dict:
     }
 
 
+def versions(data: Path, count: int, other: Path, repeat: int) -> dict:
+    """``dhr-label refine`` of ``other`` (a checkout) and of this tree on the same ``count``
+    images with 1 and 2 workers, alternately ``repeat`` times; the ratio of their times (this /
+    other), from each run's own timing (pooling the prototypes included: the default run)."""
+    here = Path(__file__).resolve().parents[1]
+    rows: dict = {1: [], 2: []}
+    for _ in range(repeat):
+        for workers in (1, 2):
+            pair = {}
+            for name, checkout in (("other", other), ("this", here)):
+                with tempfile.TemporaryDirectory(prefix="dhr-speed-ver-") as out:
+                    summary, wall, _, cpu = run_command(refine_command(data, Path(out), workers, ["--limit", str(count)]), checkout=checkout)
+                pair[name] = {"seconds": summary["seconds"], "wall": wall, "cpu": cpu}
+            pair["ratio"] = pair["this"]["seconds"] / pair["other"]["seconds"]
+            rows[workers].append(pair)
+    return {"data": str(data), "images": count, "other": str(other), "runs": rows,
+            "median_ratio": {w: float(np.median([p["ratio"] for p in r])) for w, r in rows.items()},
+            "per_image_s": {w: {k: float(np.median([p[k]["seconds"] for p in r])) / count for k in ("this", "other")}
+                            for w, r in rows.items()}}
+
+
 def device_throughput(data: Path, count: int) -> dict | None:
     """Images per second of ``refine --device cpu`` and ``--device cuda`` (all cores), or None
     without a CUDA device."""
@@ -300,6 +330,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeat", type=int, default=1, help="pairs of 1- and 2-worker runs (a shared machine is noisy)")
     parser.add_argument("--rss", type=Path, nargs="*", default=[], help="directories for the peak-memory runs (-j 2)")
     parser.add_argument("--device-images", type=int, default=0, help="images for --device cpu vs cuda throughput (needs a GPU; first --data)")
+    parser.add_argument("--compare-with", type=Path, help="a checkout of another version: refine of both, alternately (first --data)")
+    parser.add_argument("--compare-images", type=int, default=16, help="images for --compare-with")
     parser.add_argument("--json", type=Path, help="also write every figure to this JSON file")
     args = parser.parse_args(argv)
     params = DHRParams()
@@ -339,6 +371,16 @@ def main(argv: list[str] | None = None) -> int:
             )
         if args.repeat > 1:
             print(f"median efficiency {100 * float(np.median([r['efficiency'] for r in report['parallel']])):.1f} %")
+
+    if args.compare_with and args.data:
+        row = versions(args.data[0], args.compare_images, args.compare_with, args.repeat)
+        report["versions"] = row
+        print(f"\n== this tree against {row['other']}, {row['images']} images of {row['data']}, {args.repeat} pair(s) of runs each")
+        for workers in (1, 2):
+            for pair in row["runs"][workers]:
+                print(f"  -j {workers}: other {pair['other']['seconds']:7.1f} s, this {pair['this']['seconds']:7.1f} s, ratio {pair['ratio']:.3f}")
+            per = row["per_image_s"][workers]
+            print(f"-j {workers}: median ratio {row['median_ratio'][workers]:.3f} (this / other); per image {per['this']:.3f} s vs {per['other']:.3f} s")
 
     if args.device_images and args.data:
         row = device_throughput(args.data[0], args.device_images)
