@@ -37,7 +37,8 @@ import torch.nn.functional as F
 
 from dhr_label.core.crf.meanfield import BatchCRF
 from dhr_label.core.crf.pydense import PydenseCRF
-from dhr_label.core.pipeline import new_state, start
+from dhr_label.core.pipeline import new_state
+from dhr_label.core.pipeline import start as start_stages
 from dhr_label.core.stages import CRFCache, run_stages
 from dhr_label.io.contract import CamsFile, FeatsFile
 from dhr_label.io.inputs import load_inputs
@@ -126,7 +127,7 @@ def camvid_records(data: Path, count: int, params: DHRParams) -> list[dict]:
             inputs = load_inputs(image_id, cams, feats, uss=params.steps.needs_uss, wss=params.steps.needs_wss)
             crf = RecordingCRF(inputs.image, params.crf)
             state = new_state(inputs.cam, inputs.labels, inputs.image, inputs.base, inputs.uss, inputs.wss, cams.background)
-            run_stages([start(state, params)], params, crfs=crf)
+            run_stages([start_stages(state, params)], params, crfs=crf)
             records.append({"id": image_id, "image": np.ascontiguousarray(inputs.image), "calls": crf.calls, "outputs": crf.outputs})
             log(f"  refined {i + 1}/{len(ids)} {image_id}: {len(crf.calls)} CRF calls, labels {[len(c) for c in crf.calls]}")
     return records

@@ -52,7 +52,7 @@ from dhr_label.io.contract import CamsFile  # noqa: E402
 from dhr_label.params import DHRParams  # noqa: E402
 from dhr_label.presets import preset_from_classes  # noqa: E402
 from dhr_label.runtime.outcomes import MaskTarget  # noqa: E402
-from dhr_label.runtime.refine.cpu import RefineJob, refine_one  # noqa: E402
+from dhr_label.runtime.refine.images import RefineJob, make_mask  # noqa: E402
 
 STEPS = ("read", "seed_scores", "seed_mask", "heat_maps", "final_mask", "write")
 
@@ -148,14 +148,14 @@ def bare_crf_seconds(calls, params, *, reuse: bool = False) -> float:
 
 
 def engine_vs_floor(data: Path, count: int, params: DHRParams) -> dict:
-    """Time ``refine_one`` and the bare CRF calls on the first ``count`` images of ``data``."""
+    """Time ``make_mask`` and the bare CRF calls on the first ``count`` images of ``data``."""
     cams, feats = data / "cams.h5", data / "feats.h5"
     with CamsFile.open(cams) as cams_file:
         ids = cams_file.ids()[:count]
         preset = preset_from_classes(cams_file.classes, cams_file.background)
     out = Path(tempfile.mkdtemp(prefix="dhr-speed-"))
     job = RefineJob(cams, feats, params, preset.background, MaskTarget(out, preset.palette, "speed", "speed"))
-    refine_one(job, ids[0])  # opens the files, warms the interpreter; not counted
+    make_mask(job, ids[0])  # opens the files, warms the interpreter; not counted
     engine, bare, lean = [], [], []
     steps = dict.fromkeys(STEPS, 0.0)
     crf_calls = [0.0, 0.0]  # the first and the second CRF of an image, inside the engine
@@ -163,9 +163,9 @@ def engine_vs_floor(data: Path, count: int, params: DHRParams) -> dict:
     masks = {}
     for image_id in ids:
         with CRFRecorder() as recorder:  # an untimed pass records the CRF inputs
-            refine_one(job, image_id)
+            make_mask(job, image_id)
         start = time.perf_counter()
-        result = refine_one(job, image_id)
+        result = make_mask(job, image_id)
         engine.append(time.perf_counter() - start)
         if result.status != "done":
             raise SystemExit(f"{image_id}: {result.reason}")

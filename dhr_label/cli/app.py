@@ -19,6 +19,7 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from typer.core import TyperGroup
 
+from .._version import __version__
 from ..errors import DHRLabelError
 
 EXIT_OK = 0
@@ -98,8 +99,6 @@ _state = {"debug": False}
 
 def _version(value: bool) -> None:
     if value:
-        from .._version import __version__
-
         print(f"dhr-label {__version__}")
         raise typer.Exit(EXIT_OK)
 

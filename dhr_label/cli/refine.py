@@ -19,7 +19,7 @@ from ..params import CapMode, CRFBackend, CRFParams, DHRParams, Marginal, OTPara
 from ..presets import resolve_preset
 from ..runtime.outcomes import FAILED
 from ..runtime.refine import RefineReport, RefineRequest, run_refine
-from ..runtime.refine.device import BATCH_PIXELS
+from ..runtime.refine.batches import BATCH_PIXELS
 from ..runtime.refine.run import CPU_CRF_BACKEND
 from ..runtime.selection import Shard
 from ..runtime.signals import stop_name
@@ -36,11 +36,18 @@ class Device(str, enum.Enum):
     auto = "auto"  # cuda when torch sees a GPU, else cpu
 
 
-class Backend(str, enum.Enum):
-    """The joblib backend that runs the CPU workers."""
+class Cluster(str, enum.Enum):
+    """Where the images executor's workers run."""
 
-    loky = "loky"  # processes on this machine
+    local = "local"  # processes on this machine (joblib's loky)
     dask = "dask"  # the workers of a Dask distributed cluster (--scheduler)
+
+
+class LegacyBackend(str, enum.Enum):
+    """``--backend``, the name of ``--cluster`` before 0.5 (joblib's word for it)."""
+
+    loky = "loky"
+    dask = "dask"
 
 
 class CRFChoice(str, enum.Enum):
@@ -78,14 +85,14 @@ def read_params_file(path: Path) -> DHRParams:
 
 
 def build_params(
-    *, base: DHRParams | None, row: Optional[int], switches: dict, overrides: dict, crf_backend: CRFChoice, device: str
+    *, start: DHRParams | None, row: Optional[int], switches: dict, overrides: dict, crf_backend: CRFChoice, device: str
 ) -> DHRParams:
-    """A :class:`DHRParams` from ``base`` (the defaults, or a ``--params`` file), the ablation
+    """A :class:`DHRParams` from ``start`` (the defaults, or a ``--params`` file), the ablation
     row and switches, and the options the user set (``overrides``: dotted names to values;
     None = not given). Explicit options win over the file; ``--crf-backend auto`` keeps the
     file's backend on the CPU. A value out of range is a usage error."""
-    from_file, base = base is not None, base or DHRParams()
-    steps = Steps.row(row) if row is not None else base.steps
+    from_file, start = start is not None, start or DHRParams()
+    steps = Steps.row(row) if row is not None else start.steps
     if any(v is not None for v in switches.values()):
         if not steps.init:
             raise usage_error("row 1 outputs the base masks: the step switches do not apply", "--row")
@@ -102,8 +109,8 @@ def build_params(
             head, _, tail = name.rpartition(".")
             groups[head][tail] = value
     try:
-        params = base.replace(
-            ot=OTParams(**{**vars(base.ot), **groups["ot"]}), crf=CRFParams(**{**vars(base.crf), **groups["crf"]}),
+        params = start.replace(
+            ot=OTParams(**{**vars(start.ot), **groups["ot"]}), crf=CRFParams(**{**vars(start.crf), **groups["crf"]}),
             steps=steps, **groups[""],
         )
     except ValueError as exc:
@@ -129,8 +136,9 @@ def refine_command(
     device: Annotated[Device, typer.Option("--device", help="cpu: image by image in worker processes; cuda: the whole image on the GPU, in batches (torch CRF); auto: cuda if torch sees a GPU, else cpu.")] = Device.cpu,
     crf_backend: Annotated[CRFChoice, typer.Option("--crf-backend", help=f"DenseCRF implementation: pydensecrf (C++, CPU) or torch (ours, same model, CPU or GPU); auto: torch on cuda, {CPU_CRF_BACKEND.value} on cpu (the faster there, README).")] = CRFChoice.auto,
     batch_pixels: Annotated[int, typer.Option("--batch-pixels", min=1, help="With --device cuda: pixels per batch (sum of H x W); halved on out-of-memory.")] = BATCH_PIXELS,
-    backend: Annotated[Backend, typer.Option("--backend", help="CPU worker engine: loky (processes on this machine) or dask (a Dask distributed cluster, with --scheduler).")] = Backend.loky,
-    scheduler: Annotated[Optional[str], typer.Option("--scheduler", help="Address of the Dask scheduler for --backend dask, e.g. tcp://10.0.0.5:8786.")] = None,
+    cluster: Annotated[Cluster, typer.Option("--cluster", help="Where the CPU workers run: local (processes on this machine) or dask (the workers of a Dask distributed cluster, with --scheduler).")] = Cluster.local,
+    scheduler: Annotated[Optional[str], typer.Option("--scheduler", help="Address of the Dask scheduler for --cluster dask, e.g. tcp://10.0.0.5:8786.")] = None,
+    backend: Annotated[Optional[LegacyBackend], typer.Option("--backend", hidden=True, help="Before 0.5: --cluster (loky = local).")] = None,
     ids: Annotated[Optional[Path], typer.Option("--ids", help="Only the ids listed in this file (one a line).", exists=True, dir_okay=False)] = None,
     limit: Annotated[Optional[int], typer.Option("--limit", min=1, help="Only the first N ids (after --ids and --shard).")] = None,
     shard: Annotated[Optional[str], typer.Option("--shard", help="Run shard I of N (I/N), a deterministic split of the ids for cluster arrays.")] = None,
@@ -184,18 +192,21 @@ def refine_command(
         the_shard = Shard.parse(shard) if shard else Shard()
     except ValueError as exc:
         raise usage_error(str(exc), "--shard") from None
-    if backend is Backend.dask:
+    if backend is not None:  # the option's name before 0.5
+        err_console.print("warning: --backend is called --cluster since 0.5 (loky is local)", style="yellow")
+        cluster = Cluster.dask if backend is LegacyBackend.dask else Cluster.local
+    if cluster is Cluster.dask:
         if scheduler is None:
-            raise usage_error("--backend dask needs --scheduler ADDRESS (e.g. tcp://host:8786)", "--scheduler")
+            raise usage_error("--cluster dask needs --scheduler ADDRESS (e.g. tcp://host:8786)", "--scheduler")
         if workers is not None:
-            raise usage_error("--workers applies to --backend loky; a Dask cluster runs as many tasks as its workers have threads", "--workers")
+            raise usage_error("--workers applies to --cluster local; a Dask cluster runs as many tasks as its workers have threads", "--workers")
         if device is Device.cuda:
-            raise usage_error("--device cuda runs on this machine: use it with --backend loky", "--device")
+            raise usage_error("--device cuda runs on this machine: use it with --cluster local", "--device")
     elif scheduler is not None:
-        raise usage_error("--scheduler is the address of a Dask scheduler: it needs --backend dask", "--scheduler")
-    the_device = "cpu" if backend is Backend.dask else resolve_device(device)
+        raise usage_error("--scheduler is the address of a Dask scheduler: it needs --cluster dask", "--scheduler")
+    the_device = "cpu" if cluster is Cluster.dask else resolve_device(device)
     params = build_params(
-        base=read_params_file(params_file) if params_file else None, row=row,
+        start=read_params_file(params_file) if params_file else None, row=row,
         switches={"ot": ot, "crf": crf, "uss": uss, "wss": wss}, crf_backend=crf_backend, device=the_device,
         overrides={
             "ot.eps": eps, "ot.tol": ot_tol, "ot.max_iter": ot_max_iter, "gamma": gamma, "rho": rho,
@@ -213,7 +224,7 @@ def refine_command(
     request = RefineRequest(
         cams=cams, feats=feats, out=out, params=params, preset=preset, images=images, base=base, ids_file=ids,
         limit=limit, shard=the_shard, overwrite=overwrite, allow_mixed=allow_mixed, strict=strict, workers=workers,
-        device=the_device, backend=backend.value, scheduler=scheduler, batch_pixels=batch_pixels,
+        device=the_device, cluster=cluster.value, scheduler=scheduler, batch_pixels=batch_pixels,
         prototypes=prototypes_file, command=tuple(sys.argv[1:]),
     )
     with progress_bar("refine", None) as advance:

@@ -8,6 +8,7 @@ naming the image, the file and dataset, and expected vs found.
 from __future__ import annotations
 
 import json
+import os
 import re
 from pathlib import Path
 
@@ -124,6 +125,21 @@ def as_rgb_uint8(data: np.ndarray, image_id: str, source: str, notes: list[str] 
         notes.append(f"{name}: " + ", ".join(done))
     # C-contiguous and writable: pydensecrf refuses read-only buffers (e.g. np.asarray of a PIL image).
     return np.require(data, dtype=np.uint8, requirements=["C", "W"])
+
+
+def one_file(cams, feats) -> bool:
+    """Whether ``cams`` and ``feats`` name one file (the two sides of the contract in one file,
+    docs/format.md): the same path once resolved (``a/../x.h5`` is ``x.h5`` in every process,
+    whatever its working directory), or the same file through a link."""
+    if feats is None or cams is None:
+        return False
+    a, b = Path(cams), Path(feats)
+    if a.resolve() == b.resolve():
+        return True
+    try:
+        return os.path.samefile(a, b)
+    except OSError:  # one of them does not exist (yet): it cannot be the other
+        return False
 
 
 class _ContractFile:

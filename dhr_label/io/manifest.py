@@ -21,6 +21,7 @@ import sys
 import time
 from pathlib import Path
 
+from .._version import __version__
 from .atomic import write_bytes_atomic
 
 MANIFEST_PREFIX = "dhr-label-manifest"
@@ -60,8 +61,6 @@ def describe_file(path: Path | None) -> dict | None:
 
 def environment() -> dict:
     """Tool and platform versions, for reproducibility."""
-    from .._version import __version__
-
     return {
         "tool": "dhr-label",
         "version": __version__,

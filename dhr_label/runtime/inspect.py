@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import InputError
-from ..io.contract import EMPTY, CamsFile, FeatsFile
+from ..io.contract import EMPTY, CamsFile, FeatsFile, one_file
 from ..io.inputs import load_inputs
 from ..presets import Preset, check_agreement, preset_from_classes
 
@@ -107,7 +107,7 @@ def inspect_inputs(
     ``on_image(1)`` each image done.
     """
     cams, feats = Path(cams), (Path(feats) if feats is not None else None)
-    same = feats is not None and feats.resolve() == cams.resolve()
+    same = one_file(cams, feats)
     features = feats is not None
     with CamsFile.open(cams, combined=same) as cf:
         if preset is not None:

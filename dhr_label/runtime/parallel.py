@@ -1,7 +1,8 @@
 """One level of parallelism: chunks of image ids over joblib workers.
 
-Two joblib backends: ``loky`` (processes on this machine, the default) and ``dask`` (the
-workers of a Dask distributed cluster, reached through its scheduler). Either way a worker
+Two places to run: ``local`` (joblib's loky processes on this machine, the default) and
+``dask`` (the workers of a Dask distributed cluster through joblib's Dask backend, reached
+through its scheduler). Either way a worker
 gets a module-level function and a chunk of ids, opens its own files and returns small
 results; nothing here is an RPC layer of its own.
 """
@@ -23,7 +24,7 @@ from .signals import become_worker
 T = TypeVar("T")
 R = TypeVar("R")
 
-BACKENDS = ("loky", "dask")
+CLUSTERS = ("local", "dask")
 #: How long a Dask client keeps trying to reach its scheduler before the run gives up.
 CONNECT_TIMEOUT = "20s"
 
@@ -55,12 +56,12 @@ def dask_client(scheduler: str):
     """A Dask ``distributed.Client`` connected to the scheduler at ``scheduler`` (e.g.
     ``tcp://host:8786``) for the block, closed on exit. A caller that already holds a client
     passes it to :func:`map_chunks` directly."""
-    try:  # optional: the `dask` extra (pip install 'dhr-label[dask]'), imported only for --backend dask
+    try:  # optional: the `dask` extra (pip install 'dhr-label[dask]'), imported only for --cluster dask
         from distributed import Client
         from distributed.comm import parse_address
         from distributed.comm.registry import get_backend
     except ImportError:
-        raise DHRLabelError("--backend dask needs Dask distributed, the optional dask extra: pip install 'dhr-label[dask]' (or 'dask[distributed]')") from None
+        raise DHRLabelError("--cluster dask needs Dask distributed, the optional dask extra: pip install 'dhr-label[dask]' (or 'dask[distributed]')") from None
     try:
         # A bad scheme is caught here: a Client that fails on it leaves noise at exit.
         get_backend(parse_address(scheduler)[0])
@@ -87,12 +88,12 @@ def map_chunks(
     *,
     workers: int,
     on_done: Callable[[list[T], R], None] | None = None,
-    backend: str = "loky",
+    cluster: str = "local",
     client=None,
 ) -> Iterator[R]:
     """Yield ``function(chunk)`` for every chunk, as they complete (order not kept).
 
-    ``loky``: ``workers`` processes on this machine, each with one BLAS/OpenMP thread (they
+    ``local``: ``workers`` (loky) processes on this machine, each with one BLAS/OpenMP thread (they
     parallelise over images; docs/performance.md). With one worker, or one chunk, everything
     runs in this process (no start-up cost). ``dask``: the chunks go to the workers of the
     cluster ``client`` is connected to (see :func:`dask_client`); ``workers`` is not used.
@@ -101,14 +102,14 @@ def map_chunks(
     their own files. ``on_done(chunk, result)`` runs in this process after each chunk, e.g. to
     advance the one progress bar.
     """
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if cluster not in CLUSTERS:
+        raise ValueError(f"cluster must be one of {CLUSTERS}, got {cluster!r}")
     from joblib import Parallel, delayed, parallel_config
 
     tasks = (delayed(_tagged)(function, chunk) for chunk in chunks)
-    if backend == "dask":
+    if cluster == "dask":
         if client is None:
-            raise ValueError("the dask backend needs a connected client (see dask_client)")
+            raise ValueError("the dask cluster needs a connected client (see dask_client)")
         with parallel_config(backend="dask", client=client):
             yield from _deliver(Parallel(n_jobs=-1, return_as="generator_unordered")(tasks), on_done)
         return

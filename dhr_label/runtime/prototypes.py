@@ -26,7 +26,7 @@ import numpy as np
 from ..core.prototypes import Prototypes, Sums, add_sums, finish, image_sums
 from ..errors import DHRLabelError, FileLevelError
 from ..io.atomic import write_bytes_atomic
-from ..io.contract import CamsFile, FeatsFile
+from ..io.contract import CamsFile, FeatsFile, one_file
 from ..io.inputs import load_pooling_inputs
 from .parallel import map_chunks
 from .signals import become_worker
@@ -82,7 +82,7 @@ def pool_chunk(job: PoolJob, ids: list[str]) -> tuple[str, Sums | None, int, int
     chunks' order), how many have no base mask and how many could not be read. A fault of an
     image is left to the refine run, which reports it."""
     become_worker(job.parent, job.host)
-    combined = Path(job.feats) == Path(job.cams)
+    combined = one_file(job.cams, job.feats)
     sums, without_base, unreadable = None, 0, 0
     with CamsFile.open(job.cams, combined=combined) as cams, FeatsFile.open(job.feats, combined=combined) as feats:
         for image_id in ids:
@@ -101,7 +101,7 @@ def pool_chunk(job: PoolJob, ids: list[str]) -> tuple[str, Sums | None, int, int
 def pool(job: PoolJob, *, workers: int) -> RunPrototypes:
     """Pool the prototypes of every id of ``job.cams`` over ``workers`` processes."""
     t0 = time.perf_counter()
-    with CamsFile.open(job.cams, combined=Path(job.feats) == Path(job.cams)) as cams:
+    with CamsFile.open(job.cams, combined=one_file(job.cams, job.feats)) as cams:
         ids = cams.ids()
     chunks = [ids[i : i + CHUNK] for i in range(0, len(ids), CHUNK)]
     parts = {first: rest for first, *rest in map_chunks(partial(pool_chunk, job), chunks, workers=workers)}

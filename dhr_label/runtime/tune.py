@@ -29,7 +29,7 @@ from ..core.stages import CRFCache, run_stages
 from ..core.tensors import to_host
 from ..errors import DHRLabelError, FileLevelError, InputError
 from ..io.atomic import write_bytes_atomic
-from ..io.contract import CamsFile, FeatsFile, check_id
+from ..io.contract import CamsFile, FeatsFile, check_id, one_file
 from ..io.ids import mask_files, read_ids
 from ..io.inputs import check_image_source, load_inputs
 from ..io.masks import read_mask
@@ -88,7 +88,7 @@ def tune_image(job: TuneJob, image_id: str) -> ImageResult:
 def _variants(job: TuneJob, image_id: str) -> dict[str, np.ndarray]:
     check_id(image_id, str(job.cams))
     gt_path = job.gt / f"{image_id}.png"
-    combined = job.feats is not None and Path(job.feats) == Path(job.cams)
+    combined = one_file(job.cams, job.feats)
     with CamsFile.open(job.cams, combined=combined) as cams:
         feats = FeatsFile.open(job.feats, combined=combined) if job.needs("needs_features") else None
         try:
@@ -178,7 +178,7 @@ def _too_few(r: TuneRequest, ids: list[str], wanted: list[str], truth: dict) -> 
 def run_tune(request: TuneRequest, *, on_start=None, on_result=None) -> TuneReport:
     """Run ``request``; write ``params.json`` and ``report.json`` into its ``out``."""
     r, t0 = request, time.perf_counter()
-    combined = r.feats is not None and Path(r.cams).resolve() == Path(r.feats).resolve()
+    combined = one_file(r.cams, r.feats)
     with CamsFile.open(r.cams, combined=combined) as cams:
         preset = r.preset or preset_from_classes(cams.classes, cams.background)
         check_agreement(preset, cams.classes, cams.background, str(r.cams))

@@ -1,4 +1,4 @@
-"""``--backend dask --scheduler ADDRESS``: joblib's Dask backend on a cluster the test starts."""
+"""``--cluster dask --scheduler ADDRESS``: joblib's Dask backend on a cluster the test starts."""
 import json
 
 import numpy as np
@@ -44,18 +44,18 @@ def test_map_chunks_runs_on_the_cluster(cluster):
     chunks = chunked(list(range(10)), workers=2)
     with dask_client(cluster.scheduler_address) as client:
         assert cluster_threads(client) == 2
-        results = list(map_chunks(square, chunks, workers=2, backend="dask", client=client))
+        results = list(map_chunks(square, chunks, workers=2, cluster="dask", client=client))
     assert sorted(x for chunk in results for x in chunk) == [x * x for x in range(10)]
 
 
-def test_masks_equal_the_loky_run(cluster, data, tmp_path):
+def test_masks_equal_the_local_run(cluster, data, tmp_path):
     data_dir, ids = data
-    result = refine(data_dir, tmp_path / "dask", "--backend", "dask", "--scheduler", cluster.scheduler_address)
+    result = refine(data_dir, tmp_path / "dask", "--cluster", "dask", "--scheduler", cluster.scheduler_address)
     assert result.exit_code == 0, result.stderr
     summary = json.loads(result.stdout)
     assert summary["counts"]["done"] == IMAGES and summary["counts"]["failed"] == 0
     run = json.loads((tmp_path / "dask" / "dhr-label-manifest.json").read_text())["runs"][-1]
-    assert run["engine"]["backend"] == "dask" and run["engine"]["workers"] == 2
+    assert run["engine"]["cluster"] == "dask" and run["engine"]["workers"] == 2
 
     result = refine(data_dir, tmp_path / "loky", "--workers", "2")
     assert result.exit_code == 0, result.stderr
@@ -68,19 +68,21 @@ def test_masks_equal_the_loky_run(cluster, data, tmp_path):
 @pytest.mark.parametrize(
     "extra, message",
     [
-        (["--backend", "dask"], "--backend dask needs --scheduler"),
-        (["--scheduler", "tcp://127.0.0.1:8786"], "it needs --backend dask"),
-        (["--backend", "dask", "--scheduler", "tcp://127.0.0.1:8786", "--workers", "2"], "--workers applies to --backend loky"),
+        (["--cluster", "dask"], "--cluster dask needs --scheduler"),
+        (["--scheduler", "tcp://127.0.0.1:8786"], "it needs --cluster dask"),
+        (["--cluster", "dask", "--scheduler", "tcp://127.0.0.1:8786", "--workers", "2"], "--workers applies to --cluster local"),
+        (["--backend", "dask"], "--cluster dask needs --scheduler"),  # the option's name before 0.5 still means it
     ],
 )
 def test_usage_errors(data, tmp_path, extra, message):
     result = refine(data[0], tmp_path / "out", *extra)
     assert result.exit_code == 2
     assert message in result.stderr and message in json.loads(result.stdout)["error"]  # --json: one document
+    assert ("--backend is called --cluster" in result.stderr) == ("--backend" in extra)
 
 
 def test_a_bad_scheduler_address_is_one_line(data, tmp_path):
-    result = refine(data[0], tmp_path / "out", "--backend", "dask", "--scheduler", "nonsense://nowhere")
+    result = refine(data[0], tmp_path / "out", "--cluster", "dask", "--scheduler", "nonsense://nowhere")
     assert result.exit_code == 1
     assert "is not a Dask scheduler address" in result.stderr and "Traceback" not in result.stderr
     assert result.stderr.count("error:") == 1
@@ -121,7 +123,7 @@ def test_relative_paths_reach_workers_started_elsewhere(elsewhere, data, tmp_pat
     monkeypatch.chdir(tmp_path)
     (tmp_path / "in").symlink_to(data_dir)
     relative = ["refine", "--cams", "in/cams.h5", "--feats", "in/feats.h5", "--json"]
-    result = runner.invoke(app, [*relative, "--out", "dask", "--backend", "dask", "--scheduler", elsewhere])
+    result = runner.invoke(app, [*relative, "--out", "dask", "--cluster", "dask", "--scheduler", elsewhere])
     assert result.exit_code == 0, result.stderr
     assert json.loads(result.stdout)["counts"]["done"] == IMAGES
     result = runner.invoke(app, [*relative, "--out", "local", "--workers", "2"])
@@ -140,7 +142,7 @@ def test_an_unreachable_scheduler_is_reported_before_anything_is_written(data, t
         probe.bind(("127.0.0.1", 0))
         address = f"tcp://127.0.0.1:{probe.getsockname()[1]}"
     out = tmp_path / "out"
-    result = refine(data[0], out, "--backend", "dask", "--scheduler", address)
+    result = refine(data[0], out, "--cluster", "dask", "--scheduler", address)
     assert result.exit_code == 1
     assert f"cannot reach the Dask scheduler at {address}" in result.stderr
     assert not out.exists()  # no manifest, no pooled prototypes, no directory

@@ -16,7 +16,7 @@ from functools import partial
 from pathlib import Path
 
 from ...errors import DHRLabelError, FileLevelError
-from ...io.contract import CamsFile, FeatsFile
+from ...io.contract import CamsFile, FeatsFile, one_file
 from ...io.ids import read_ids
 from ...io.inputs import check_image_source
 from ...io.manifest import describe_file, manifest_path, new_manifest, read_manifest, write_manifest
@@ -31,9 +31,9 @@ from ..prototypes import for_run as prototypes_for_run
 from ..prototypes import from_file as prototypes_from_file
 from ..selection import Shard, select_ids
 from ..signals import exit_code, stop_on_signals
-from .cpu import RefineJob, new_token, run_images
-from .device import BATCH_PIXELS, run_images_on_device
+from .batches import BATCH_PIXELS, run_batches
 from .fingerprint import DirectoryState, differences, fingerprint, fingerprint_id, read_directory
+from .images import RefineJob, new_token, run_images
 
 #: The CRF backend of the CPU executor when the user does not choose: the faster one on a CPU,
 #: as benchmarks/crf_speed.py measured it (README, Performance).
@@ -60,7 +60,7 @@ class RefineRequest:
     workers: int | None = None  # None: every core (a Dask cluster has its own)
     device: str = "cpu"  # "cpu" or a torch CUDA device ("cuda", "cuda:1")
     executor: str | None = None  # "images" (per image) or "batches" (device); None: by device
-    backend: str = "loky"
+    cluster: str = "local"  # "local" (processes on this machine) or "dask" (a Dask cluster, ``scheduler``)
     scheduler: str | None = None
     batch_pixels: int = BATCH_PIXELS
     prototypes: Path | None = None  # a prototypes file to use instead of pooling (ours)
@@ -105,7 +105,7 @@ def run_refine(
     (a missing file, a locked or mixed output directory); everything after is in the report.
     """
     r, params = absolute_paths(request), request.params
-    combined = r.feats is not None and Path(r.cams).resolve() == Path(r.feats).resolve()
+    combined = one_file(r.cams, r.feats)
     with CamsFile.open(r.cams, combined=combined) as cams_file:
         preset = r.preset or preset_from_classes(cams_file.classes, cams_file.background)
         check_agreement(preset, cams_file.classes, cams_file.background, str(r.cams))
@@ -252,7 +252,7 @@ def _about(r: RefineRequest, fid: str, foreign_left: int) -> dict:
         "inputs": {"cams": describe_file(r.cams), "feats": describe_file(r.feats if r.params.steps.needs_features else None),
                    "images": describe_file(r.images), "base": describe_file(r.base), "ids": describe_file(r.ids_file)},
         "selection": {"limit": r.limit, "shard": {"index": r.shard.index, "count": r.shard.count}},
-        "engine": {"device": r.device, "executor": _executor(r), "backend": r.backend, "scheduler": r.scheduler,
+        "engine": {"device": r.device, "executor": _executor(r), "cluster": r.cluster, "scheduler": r.scheduler,
                    "crf_backend": r.params.crf.backend.value, "workers": r.workers},
         "foreign_masks_left": foreign_left,
     }
@@ -296,8 +296,8 @@ def absolute_paths(request: RefineRequest) -> RefineRequest:
 
 @contextlib.contextmanager
 def _cluster(r: RefineRequest):
-    """The connected Dask client of ``--backend dask`` for the block (None for loky)."""
-    if r.backend != "dask":
+    """The connected Dask client of ``--cluster dask`` for the block (None for local)."""
+    if r.cluster != "dask":
         yield None
         return
     with dask_client(r.scheduler) as client:
@@ -310,10 +310,10 @@ def _engine(r: RefineRequest, job: RefineJob, client):
     (:func:`_cluster`), its cluster's threads are the worker count."""
     if client is not None:
         threads = cluster_threads(client)
-        yield partial(run_images, job, workers=threads, backend="dask", client=client), threads
+        yield partial(run_images, job, workers=threads, cluster="dask", client=client), threads
         return
     workers = r.workers or default_workers()
     if _executor(r) == "batches":
-        yield partial(run_images_on_device, job, readers=workers, device=r.device, batch_pixels=r.batch_pixels), workers
+        yield partial(run_batches, job, readers=workers, device=r.device, batch_pixels=r.batch_pixels), workers
         return
     yield partial(run_images, job, workers=workers), workers

@@ -1,4 +1,5 @@
-"""The CPU executor of ``refine``: one image at a time per worker process (or Dask worker).
+"""The images executor of ``refine`` (``--executor images``, the CPU's): one image at a time per
+worker process (or Dask worker), each a batch of one through the stages.
 
 Workers receive a :class:`RefineJob` (small, picklable) and chunks of ids; each process opens
 the HDF5 files itself and returns one small :class:`ImageResult` per image. Nothing in here
@@ -18,7 +19,7 @@ from pathlib import Path
 
 from ...core.dhr import refine_image
 from ...core.prototypes import Prototypes
-from ...io.contract import CamsFile, FeatsFile, check_id
+from ...io.contract import CamsFile, FeatsFile, check_id, one_file
 from ...io.inputs import ImageInputs, load_inputs
 from ...params import CRFBackend, DHRParams
 from ..outcomes import ImageResult, MaskTarget, failure, warning_notes
@@ -49,7 +50,7 @@ class RefineJob:
     @property
     def combined(self) -> bool:
         """cams and feats are one file (docs/format.md)."""
-        return self.feats is not None and Path(self.feats) == Path(self.cams)
+        return one_file(self.cams, self.feats)
 
 
 #: Images read through one pair of handles before they are reopened: HDF5 keeps metadata of
@@ -100,7 +101,7 @@ def _files(job: RefineJob) -> InputFiles:
     return _FILES[key]
 
 
-def refine_one(job: RefineJob, image_id: str) -> ImageResult:
+def make_mask(job: RefineJob, image_id: str) -> ImageResult:
     """Refine one image and write its mask; every failure becomes the result's reason.
 
     Warnings raised on the way (e.g. an OT that did not converge) become notes of the image
@@ -124,12 +125,12 @@ def refine_one(job: RefineJob, image_id: str) -> ImageResult:
     )
 
 
-def refine_chunk(job: RefineJob, ids: list[str]) -> list[ImageResult]:
+def make_masks(job: RefineJob, ids: list[str]) -> list[ImageResult]:
     """Refine a chunk of ids (a worker's task)."""
     become_worker(job.parent, job.host)
     results = []
     for image_id in ids:
-        results.append(refine_one(job, image_id))
+        results.append(make_mask(job, image_id))
         if job.params.crf.backend is CRFBackend.torch:
             _trim_heap()
     return results
@@ -157,8 +158,8 @@ def _trim_heap() -> None:
 _LIBC = None
 
 
-def read_chunk(job: RefineJob, ids: list[str]) -> list[tuple[str, ImageInputs | None, ImageResult | None, float]]:
-    """Read and validate the inputs of ``ids`` (a reader's task for the device executor: here,
+def read_inputs(job: RefineJob, ids: list[str]) -> list[tuple[str, ImageInputs | None, ImageResult | None, float]]:
+    """Read and validate the inputs of ``ids`` (a reader's task for the batches executor: here,
     so that readers never import torch); a failure per bad image."""
     become_worker(job.parent, job.host)
     files, out = _files(job), []
@@ -171,17 +172,17 @@ def read_chunk(job: RefineJob, ids: list[str]) -> list[tuple[str, ImageInputs | 
     return out
 
 
-def run_images(job: RefineJob, ids: list[str], *, workers: int, backend: str = "loky", client=None):
+def run_images(job: RefineJob, ids: list[str], *, workers: int, cluster: str = "local", client=None):
     """Refine ``ids`` over ``workers`` processes; yield every :class:`ImageResult` as it ends.
 
     Closing the generator early (``--strict``, Ctrl-C, a full disk) stops the workers: call
     its ``close()`` before relying on no worker writing any more. Chunks are small (one image
     in this process, a few per task in a pool) so that progress moves and an interruption
-    loses little work in flight. ``backend="dask"`` sends the chunks to the cluster of
+    loses little work in flight. ``cluster="dask"`` sends the chunks to the cluster of
     ``client`` (a connected ``distributed.Client``); ``workers`` is then its thread count.
     """
     chunks = chunked(ids, workers=workers, max_size=1 if workers <= 1 else 8)
-    results = map_chunks(partial(refine_chunk, job), chunks, workers=workers, backend=backend, client=client)
+    results = map_chunks(partial(make_masks, job), chunks, workers=workers, cluster=cluster, client=client)
     try:
         for batch in results:
             yield from batch

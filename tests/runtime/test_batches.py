@@ -1,7 +1,10 @@
-"""The device executor (runtime/refine/device.py) on any ``--device``: batches by pixel budget,
-readers ahead, writers behind, failures isolated, out-of-memory halving, determinism."""
+"""The batches executor (runtime/refine/batches.py) on any ``--device``: batches by pixel budget,
+readers ahead, writers behind, failures isolated, out-of-memory halving with the failed batch
+freed first, a lost device stopping the run, determinism."""
 from __future__ import annotations
 
+import json
+import weakref
 from pathlib import Path
 
 import numpy as np
@@ -17,8 +20,8 @@ from dhr_label.io.contract import CamsFile  # noqa: E402
 from dhr_label.params import CRFBackend, CRFParams, DHRParams, Steps  # noqa: E402
 from dhr_label.presets import preset_from_classes  # noqa: E402
 from dhr_label.runtime.outcomes import DONE, FAILED, MaskTarget  # noqa: E402
-from dhr_label.runtime.refine.cpu import RefineJob, run_images  # noqa: E402
-from dhr_label.runtime.refine.device import run_images_on_device  # noqa: E402
+from dhr_label.runtime.refine.batches import DeviceFailure, run_batches  # noqa: E402
+from dhr_label.runtime.refine.images import RefineJob, run_images  # noqa: E402
 
 AGREEMENT = 0.995  # the torch CRF against pydensecrf, end to end (the contract, README)
 SMALL_BATCH = 3 * 48 * 64  # pixels: about three generated images a batch
@@ -44,7 +47,7 @@ def job_for(dataset, out: Path, params: DHRParams = DHRParams()) -> RefineJob:
 def on_device(job, ids, device, **options):
     options.setdefault("readers", 1)
     options.setdefault("batch_pixels", SMALL_BATCH)
-    return {r.image_id: r for r in run_images_on_device(job, ids, device=device, **options)}
+    return {r.image_id: r for r in run_batches(job, ids, device=device, **options)}
 
 
 @pytest.mark.parametrize("params", [DHRParams(), DHRParams(steps=Steps.row(4)), DHRParams(steps=Steps.row(1))], ids=["row7", "row4", "row1"])
@@ -127,6 +130,51 @@ def test_out_of_memory_halves_the_batch_and_changes_no_mask(dataset, tmp_path, d
     assert masks_in(tmp_path / "halved") == masks_in(tmp_path / "plain")
 
 
+def test_the_failed_batch_is_freed_before_the_retry(dataset, tmp_path, device, monkeypatch):
+    # A retry inside the handler of the error keeps the traceback, and with it the failed batch's
+    # tensors: the device's memory is not given back and the halving cascades down to one image.
+    _, ids, _ = dataset
+    real, failed_batch, still_alive = stages_module.run_stages, [], []
+
+    def out_of_memory_once(states, params, **kwargs):
+        if not failed_batch:  # the first (whole) batch: it holds memory, then fails
+            scratch = torch.empty(1 << 20)
+            failed_batch.extend([weakref.ref(scratch)] + [weakref.ref(s.cam) for s in states])
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        still_alive.append(sum(ref() is not None for ref in failed_batch))  # at each retry
+        return real(states, params, **kwargs)
+
+    monkeypatch.setattr(stages_module, "run_stages", out_of_memory_once)
+    results = on_device(job_for(dataset, tmp_path / "dev"), ids, device, batch_pixels=1 << 30)
+    assert len(failed_batch) == 1 + len(ids) and all(r.status == DONE for r in results.values())
+    assert still_alive == [0, 0]  # both halves ran with nothing of the failed batch left
+
+
+def test_a_lost_device_stops_the_run_with_one_message(dataset, tmp_path, device, monkeypatch):
+    # CUDA's sticky errors leave the context unusable: retrying image by image would fail every
+    # remaining image in turn.
+    _, ids, _ = dataset
+    calls = []
+
+    def lost(states, params, **kwargs):
+        calls.append(len(states))
+        raise RuntimeError("CUDA error: an illegal memory access was encountered\nCompile with TORCH_USE_CUDA_DSA")
+
+    monkeypatch.setattr(stages_module, "run_stages", lost)
+    with pytest.raises(DeviceFailure, match=r"the device failed while refining .* \(CUDA error: an illegal memory access"):
+        on_device(job_for(dataset, tmp_path / "dev"), ids, device, batch_pixels=1 << 30)
+    assert calls == [len(ids)]  # no retry
+    # Through the run: it stops, the manifest says so, and the exit code is 1.
+    from dhr_label.runtime.refine import RefineRequest, run_refine
+
+    directory, _, preset = dataset
+    report = run_refine(RefineRequest(cams=directory / "cams.h5", feats=directory / "feats.h5", out=tmp_path / "run",
+                                      params=DHRParams(), preset=preset, workers=1, device="cpu", executor="batches"))
+    manifest = json.loads((tmp_path / "run" / "dhr-label-manifest.json").read_text())
+    assert report.exit_code == 1 and "illegal memory access" in report.error and report.counts["failed"] == 0
+    assert manifest["runs"][-1]["status"] == "stopped" and "illegal memory access" in manifest["runs"][-1]["error"]
+
+
 def test_an_image_that_does_not_fit_alone_fails_alone(dataset, tmp_path, device, monkeypatch):
     _, ids, _ = dataset
     real = stages_module.run_stages
@@ -149,7 +197,7 @@ def test_an_image_that_does_not_fit_alone_fails_alone(dataset, tmp_path, device,
 def test_closing_early_stops_the_work(dataset, tmp_path, device):
     _, ids, _ = dataset
     out = tmp_path / "dev"
-    run = run_images_on_device(job_for(dataset, out), ids, device=device, readers=2, batch_pixels=1)
+    run = run_batches(job_for(dataset, out), ids, device=device, readers=2, batch_pixels=1)
     first = next(run)
     run.close()
     written = masks_in(out)
