@@ -71,9 +71,9 @@ def load_weights(path: Path) -> dict:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError:
         pass  # objects beyond tensors and containers: read them as Opaque placeholders
-    except RuntimeError as exc:
-        raise ValueError(f"not a torch checkpoint: {str(exc).splitlines()[0]}") from None
+    except (RuntimeError, KeyError, EOFError, ValueError) as exc:
+        raise ValueError(f"not a readable torch checkpoint: {str(exc).splitlines()[0]}") from None
     try:
         return torch.load(path, map_location="cpu", weights_only=False, pickle_module=_RestrictedPickle)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, AttributeError, TypeError) as exc:
+    except (pickle.UnpicklingError, RuntimeError, EOFError, AttributeError, TypeError, KeyError, ValueError) as exc:
         raise ValueError(f"not a readable torch checkpoint: {str(exc).splitlines()[0]}") from None

@@ -52,6 +52,16 @@ class _ConvBN(nn.Module):
         x = self.bn(self.conv(_same_pad(x, self.kernel, self.stride)))
         return F.relu6(x) if self.act else x
 
+    @torch.no_grad()
+    def fuse(self) -> None:
+        """Fold the (frozen) batch norm into the convolution: one operation instead of two."""
+        scale = self.bn.weight / torch.sqrt(self.bn.running_var + self.bn.eps)
+        conv = nn.Conv2d(self.conv.in_channels, self.conv.out_channels, self.kernel, self.stride,
+                         groups=self.conv.groups, bias=True)
+        conv.weight.copy_(self.conv.weight * scale.view(-1, 1, 1, 1))
+        conv.bias.copy_(self.bn.bias - self.bn.running_mean * scale)
+        self.conv, self.bn = conv, nn.Identity()
+
 
 class _MBConv(nn.Module):
     """Mobile inverted bottleneck: 1x1 expansion (unless ratio 1), depthwise, 1x1 projection."""
@@ -116,6 +126,9 @@ class EfficientNetLite(nn.Module):
         missing, unexpected = model.load_state_dict(_renamed(state), strict=False)
         if missing:
             raise ValueError(f"EfficientNet-Lite state dict lacks {len(missing)} tensors, e.g. {missing[0]}")
+        for module in model.modules():
+            if isinstance(module, _ConvBN):
+                module.fuse()
         return model.eval()
 
     def forward(self, x: torch.Tensor, taps: tuple[str, ...]) -> dict[str, torch.Tensor]:

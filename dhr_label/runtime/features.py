@@ -259,17 +259,19 @@ def _sample(available: list[str], count: int) -> list[str]:
 
 
 def _fit(sample: list[str], images: ImageSource, run, dims: int, outcome: Outcome) -> Projection:
+    """The PCA of the sample's features; an unreadable sample image is left out (the image phase
+    reports it), so the fit depends only on the input, not on the selection."""
     fit = PCAFit()
     for image_id in sample:
         try:
             image = images.read(image_id, [])
-        except InputError as exc:
-            raise FileLevelError(f"the PCA sample image {exc} (fix it, or fit with --pca-from FILE)") from None
+        except InputError:
+            continue
         fit.add(run(image[None])[0].double().cpu().numpy())
     try:
         return fit.fit(dims)
     except ValueError as exc:
-        raise FileLevelError(f"--pca {dims}: {exc}") from None
+        raise FileLevelError(f"--pca {dims}: {exc} (readable sample images: {fit.images} of {len(sample)})") from None
 
 
 def _batches(todo: list[str], images: ImageSource, size: int, outcome: Outcome, strict: bool):
