@@ -2,8 +2,8 @@
 
 The projection is fitted on the standardised channels (each channel centred and divided by its
 standard deviation over the sample: the PCA of the correlation matrix). On CamVid val that
-recipe's cell-to-cell cosine similarities agree best with the benchmark USS features of the
-shared data (docs/features.md). Sums are accumulated in float64 one image at a time, so the fit
+recipe's cell-to-cell cosine similarities agree best with the benchmark USS features of our real
+data (README, "dhr-label features on the real val sets"). Sums are accumulated in float64 one image at a time, so the fit
 needs memory for one ``D x D`` matrix whatever the sample size, and does not depend on how the
 images were batched.
 """
