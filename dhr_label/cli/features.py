@@ -14,19 +14,10 @@ from rich.table import Table
 from ..features.backbones import BACKBONES
 from ..runtime.features import Request, run_features
 from .app import EXIT_USAGE, app, err_console, fail, guarded, progress_bar
+from .pack import StoredDtype
+from .refine import Device
 
 Backbone = enum.Enum("Backbone", {name: name for name in BACKBONES}, type=str)
-
-
-class Device(str, enum.Enum):
-    cpu = "cpu"
-    cuda = "cuda"
-    auto = "auto"
-
-
-class StoredDtype(str, enum.Enum):
-    float16 = "float16"
-    float32 = "float32"
 
 
 def _floats(text: str | None, option: str) -> tuple[float, ...] | None:

@@ -185,12 +185,30 @@ def run_features(request: Request, *, on_phase: Callable[[str, int], None] | Non
         )
     if dims and dims > network.channels:
         raise FileLevelError(f"--pca {dims}: {request.backbone} with --layers {','.join(layers)} gives only {network.channels} channels")
+    load_seconds = time.perf_counter() - t0
+    plan = _Plan(network, layers, inference, dims, source_projection, _network_runner(network, inference, device))
     with contextlib.ExitStack() as stack:
         images = stack.enter_context(ImageSource(request.cams, request.images))
-        return _run(request, stack, images, network, layers, inference, dims, source_projection, device, phase, tick, t0)
+        outcome = _run(request, plan, images, stack, phase, tick)
+    outcome.seconds["load"] = load_seconds
+    return outcome
 
 
-def _run(request, stack, images, network, layers, inference, dims, source_projection, device, phase, tick, t0) -> Outcome:
+@dataclass
+class _Plan:
+    """What the run computes with: the network, its settings, the runner, a given projection."""
+
+    network: object
+    layers: tuple[str, ...]
+    inference: Inference
+    dims: int
+    source_projection: Projection | None
+    run: Callable
+
+
+def _run(request: Request, plan: _Plan, images: ImageSource, stack: contextlib.ExitStack, phase, tick) -> Outcome:
+    network, layers, inference, dims, source_projection = (
+        plan.network, plan.layers, plan.inference, plan.dims, plan.source_projection)
     available = images.ids()
     wanted = read_ids(request.ids_file) if request.ids_file is not None else None
     selected, missing = select_ids(available, wanted=wanted, limit=request.limit)
@@ -204,12 +222,11 @@ def _run(request, stack, images, network, layers, inference, dims, source_projec
         },
     }
     outcome = Outcome(settings, settings_id(settings))
-    outcome.seconds["load"] = time.perf_counter() - t0
     outcome.counts["selected"] = len(selected) + len(missing)
     for image_id in missing:
         outcome.failures.append({"id": image_id, "source": str(request.ids_file), "problem": f"not among the images of {images.describe()['path']}"})
     outcome.counts["failed"] = len(missing)
-    run = _network_runner(network, inference, device)
+    run = plan.run
     writer = _open_writer(request, stack)
     recorded = read_settings(writer.root_attrs())
     made = writer.uss_tags(SETTINGS_ID_ATTR)
@@ -240,7 +257,7 @@ def _run(request, stack, images, network, layers, inference, dims, source_projec
         with stop_on_signals():
             _compute(todo, images, run, projection, request, writer, outcome, tick)
     except KeyboardInterrupt as interrupt:
-        outcome.interrupted = str(interrupt) or "interrupted"
+        outcome.interrupted = stop_name(interrupt)
         outcome.exit_code = exit_code(interrupt)
     outcome.seconds["images"] = time.perf_counter() - t2
     counts = outcome.counts

@@ -65,7 +65,7 @@ def test_adds_uss_beside_the_wss_layers_and_a_rerun_keeps_them(data):
     assert _uss(root / "feats.h5", "img_3")[1] == report["settings_id"]
     again = features("--cams", root / "cams.h5", "--out", root / "feats.h5", "--json")
     assert again.exit_code == 0
-    assert json.loads(again.stdout)["counts"] | {} == {"selected": 5, "done": 0, "skipped": 5, "failed": 0, "not_run": 0}
+    assert json.loads(again.stdout)["counts"] == {"selected": 5, "done": 0, "skipped": 5, "failed": 0, "not_run": 0}
 
 
 def test_other_settings_are_refused_naming_the_difference_unless_overwrite(data):
@@ -174,3 +174,26 @@ def test_dino_from_the_hub_cache_and_stego_from_its_checkpoint(data, tmp_path, m
                      "--weights", cache / "dino_deitsmall16_pretrain.pth", "--scales", "1", "--no-flip")
     assert stego.exit_code == 0, stego.output
     assert _uss(tmp_path / "s.h5", "img_0")[0].shape == (7, 3, 4)
+
+
+def test_interrupted_run_exits_130_and_the_rerun_finishes(data, monkeypatch):
+    import dhr_label.runtime.features as engine
+
+    root, _ = data
+    finish, calls = engine._finish, []
+
+    def stop_at_the_third(*args):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return finish(*args)
+
+    monkeypatch.setattr(engine, "_finish", stop_at_the_third)
+    stopped = features("--cams", root / "cams.h5", "--out", root / "feats.h5", "--pca", "8", "--json")
+    assert stopped.exit_code == 130 and "interrupted by Ctrl-C" in stopped.stderr
+    assert json.loads(stopped.stdout)["counts"] == {"selected": 5, "done": 2, "skipped": 0, "failed": 0, "not_run": 3}
+    monkeypatch.setattr(engine, "_finish", finish)
+    rerun = features("--cams", root / "cams.h5", "--out", root / "feats.h5", "--pca", "8", "--json")
+    assert rerun.exit_code == 0 and json.loads(rerun.stdout)["counts"]["done"] == 3
+    with FeatsFile.open(root / "feats.h5") as f:
+        assert all(f.read_uss(i).shape == (8, 6, 8) for i in IDS)

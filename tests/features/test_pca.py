@@ -17,12 +17,16 @@ def _maps(seed=0):
             * np.linspace(1, 50, 12)[:, None, None] + 7 for _ in range(4)]
 
 
-def test_streamed_fit_equals_svd_of_the_standardised_cells():
-    maps = _maps()
+def _fitted(maps, dims):
     fit = PCAFit()
     for m in maps:
         fit.add(m)
-    projection = fit.fit(3)
+    return fit.fit(dims)
+
+
+def test_streamed_fit_equals_svd_of_the_standardised_cells():
+    maps = _maps()
+    projection = _fitted(maps, 3)
     cells = np.concatenate([m.reshape(12, -1).T for m in maps])
     z = (cells - cells.mean(0)) / cells.std(0)
     _, s, vt = np.linalg.svd(z, full_matrices=False)
@@ -35,10 +39,7 @@ def test_streamed_fit_equals_svd_of_the_standardised_cells():
 
 def test_projection_numpy_and_torch_agree_and_center_the_sample():
     maps = _maps()
-    fit = PCAFit()
-    for m in maps:
-        fit.add(m)
-    projection = fit.fit(2)
+    projection = _fitted(maps, 2)
     y = np.concatenate([project(m.astype(np.float32), projection).reshape(2, -1) for m in maps], axis=1)
     assert np.allclose(y.mean(axis=1), 0, atol=1e-3)
     t = project(torch.from_numpy(maps[0].astype(np.float32)), projection).numpy()
