@@ -330,6 +330,11 @@ class Writer:
                 found[image_id] = value.decode() if isinstance(value, bytes) else value
         return found
 
+    @property
+    def h5(self) -> h5py.File:
+        """The open file (read it through this handle: HDF5 refuses a second open of a file being written)."""
+        return self._handle()
+
     def root_attrs(self) -> h5py.AttributeManager:
         """The file's root attributes (for records such as how its features were made)."""
         return self._handle().attrs

@@ -18,16 +18,23 @@ from ..io.inputs import find_image, load_image_file
 class ImageSource:
     """The images of a run; :meth:`read` gives one as ``[H, W, 3]`` uint8 (conversions noted)."""
 
-    def __init__(self, cams: Path | None, images: Path | None):
+    def __init__(self, cams: Path | None, images: Path | None, *, handle=None):
+        """``handle``: the cams file already open (for writing, when it is also the output)."""
         if cams is None and images is None:
             raise FileLevelError("no images: give --cams FILE (its image datasets) and/or --images DIR")
         if images is not None and not Path(images).is_dir():
             raise FileLevelError(f"--images {images} is not a directory")
         self.images = Path(images) if images is not None else None
-        self.cams = CamsFile.open(Path(cams)) if cams is not None else None
+        self._owned = handle is None
+        if cams is None:
+            self.cams = None
+        elif handle is None:
+            self.cams = CamsFile.open(Path(cams))
+        else:
+            self.cams = CamsFile(Path(cams), handle)
 
     def close(self) -> None:
-        if self.cams is not None:
+        if self.cams is not None and self._owned:
             self.cams.close()
 
     def __enter__(self) -> "ImageSource":

@@ -188,8 +188,13 @@ def run_features(request: Request, *, on_phase: Callable[[str, int], None] | Non
     load_seconds = time.perf_counter() - t0
     plan = _Plan(network, layers, inference, dims, source_projection, _network_runner(network, inference, device))
     with contextlib.ExitStack() as stack:
-        images = stack.enter_context(ImageSource(request.cams, request.images))
-        outcome = _run(request, plan, images, stack, phase, tick)
+        if request.cams is not None and request.out.is_file() and request.out.resolve() == request.cams.resolve():
+            writer = _open_writer(request, stack)  # one file for both sides: read it through the writer
+            images = stack.enter_context(ImageSource(request.cams, request.images, handle=writer.h5))
+        else:
+            images = stack.enter_context(ImageSource(request.cams, request.images))
+            writer = _open_writer(request, stack)
+        outcome = _run(request, plan, images, writer, phase, tick)
     outcome.seconds["load"] = load_seconds
     return outcome
 
@@ -206,7 +211,7 @@ class _Plan:
     run: Callable
 
 
-def _run(request: Request, plan: _Plan, images: ImageSource, stack: contextlib.ExitStack, phase, tick) -> Outcome:
+def _run(request: Request, plan: _Plan, images: ImageSource, writer: Writer, phase, tick) -> Outcome:
     network, layers, inference, dims, source_projection = (
         plan.network, plan.layers, plan.inference, plan.dims, plan.source_projection)
     available = images.ids()
@@ -227,7 +232,6 @@ def _run(request: Request, plan: _Plan, images: ImageSource, stack: contextlib.E
         outcome.failures.append({"id": image_id, "source": str(request.ids_file), "problem": f"not among the images of {images.describe()['path']}"})
     outcome.counts["failed"] = len(missing)
     run = plan.run
-    writer = _open_writer(request, stack)
     recorded = read_settings(writer.root_attrs())
     made = writer.uss_tags(SETTINGS_ID_ATTR)
     others = {i: s for i, s in made.items() if s != outcome.settings_id}

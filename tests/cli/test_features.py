@@ -203,3 +203,14 @@ def test_interrupted_run_exits_130_and_the_rerun_finishes(data, monkeypatch):
     assert rerun.exit_code == 0 and json.loads(rerun.stdout)["counts"]["done"] == 3
     with FeatsFile.open(root / "feats.h5") as f:
         assert all(f.read_uss(i).shape == (8, 6, 8) for i in IDS)
+
+
+def test_a_combined_file_gets_uss_beside_its_cams(tmp_path):
+    records = make_records(3, size=(48, 64), seed=2)
+    classes, background = preset_classes("voc")
+    data = write_cams(tmp_path / "data.h5", records, classes=classes, background=background)
+    result = features("--cams", data, "--out", data, "--pca", "8")
+    assert result.exit_code == 0, result.output
+    with h5py.File(data, "r") as handle:
+        assert handle.attrs["format"] == "dhr-label/cams"
+        assert sorted(handle["img_000"]) == ["base", "cam", "image", "labels", "uss"]
