@@ -1,9 +1,9 @@
 """PCA of feature cells, fitted without labels, and L2 normalisation per cell.
 
 The projection is fitted on the standardised channels (each channel centred and divided by its
-standard deviation over the sample: the PCA of the correlation matrix). On CamVid val that
-recipe's cell-to-cell cosine similarities agree best with the benchmark USS features of our real
-data (README, "dhr-label features on the real val sets"). Sums are accumulated in float64 one image at a time, so the fit
+standard deviation over the sample: the PCA of the correlation matrix), the recipe whose
+features agree with the benchmark USS features of our real data (README, Results, "USS features
+made by dhr-label features"). Sums are accumulated in float64 one image at a time, so the fit
 needs memory for one ``D x D`` matrix whatever the sample size, and does not depend on how the
 images were batched.
 """
