@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from ..errors import FileLevelError, InputError
-from ..features.backbones import BACKBONES, load_network
+from ..features.backbones import BACKBONES, Network, load_network
 from ..features.extract import Inference, multiscale
 from ..features.pca import PCAFit, Projection, l2_normalise, project
 from ..io.contract import FORMAT_CAMS
@@ -203,7 +203,7 @@ def run_features(request: Request, *, on_phase: Callable[[str, int], None] | Non
 class _Plan:
     """What the run computes with: the network, its settings, the runner, a given projection."""
 
-    network: object
+    network: Network
     layers: tuple[str, ...]
     inference: Inference
     dims: int
@@ -215,6 +215,8 @@ def _run(request: Request, plan: _Plan, images: ImageSource, writer: Writer, pha
     network, layers, inference, dims, source_projection = (
         plan.network, plan.layers, plan.inference, plan.dims, plan.source_projection)
     available = images.ids()
+    if not available:
+        raise FileLevelError(f"no image to compute: {images.describe()['path']} holds no image group")
     wanted = read_ids(request.ids_file) if request.ids_file is not None else None
     selected, missing = select_ids(available, wanted=wanted, limit=request.limit)
     settings = {

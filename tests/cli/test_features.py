@@ -214,3 +214,10 @@ def test_a_combined_file_gets_uss_beside_its_cams(tmp_path):
     with h5py.File(data, "r") as handle:
         assert handle.attrs["format"] == "dhr-label/cams"
         assert sorted(handle["img_000"]) == ["base", "cam", "image", "labels", "uss"]
+
+
+def test_an_input_without_images_is_an_error(tmp_path):
+    classes, background = preset_classes("voc")
+    empty = write_cams(tmp_path / "cams.h5", {}, classes=classes, background=background)
+    result = features("--cams", empty, "--out", tmp_path / "f.h5", "--pca", "0")
+    assert result.exit_code == 1 and "holds no image group" in result.stderr

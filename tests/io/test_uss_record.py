@@ -59,7 +59,7 @@ def test_extend_validates_and_needs_the_cams_of_a_combined_file(tmp_path):
 def test_record_round_trip_of_a_wide_projection(tmp_path):
     rng = np.random.default_rng(2)
     fit = PCAFit()
-    fit.add(rng.normal(size=(768, 20, 20)))  # a ViT-B's width: the components need several blocks
+    fit.add(rng.normal(size=(300, 20, 20)))  # 64 x 300 float32 = 76.8 kB: more than one attribute block
     projection = fit.fit(64)
     path = _wss_file(tmp_path / "feats.h5")
     with Writer(path, kind="feats") as w:
