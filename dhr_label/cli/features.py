@@ -51,7 +51,7 @@ def features_command(
     l2: Annotated[bool, typer.Option("--l2/--no-l2", help="L2-normalise every feature cell (after the PCA).")] = True,
     dtype: Annotated[StoredDtype, typer.Option("--dtype", help="Stored precision.")] = StoredDtype.float16,
     device: Annotated[Device, typer.Option("--device", help="cpu, cuda, or auto (cuda when torch sees a GPU).")] = Device.cpu,
-    batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Images of one size run together (halved to one at a time when the device runs out of memory).")] = 4,
+    batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Images of one size run together (one at a time after the device runs out of memory).")] = 4,
     threads: Annotated[Optional[int], typer.Option("--threads", "-j", min=1, help="CPU threads of torch [default: all cores].")] = None,
     ids: Annotated[Optional[Path], typer.Option("--ids", help="Only the ids listed in this file (one a line).", exists=True, dir_okay=False)] = None,
     limit: Annotated[Optional[int], typer.Option("--limit", min=1, help="Only the first N ids (after --ids).")] = None,

@@ -325,7 +325,7 @@ def _compute(todo, images, run, projection, request: Request, writer: Writer, ou
         try:
             raw = run(np.stack([image for _, image in batch]))
             results = [(image_id, raw[k]) for k, (image_id, _) in enumerate(batch)]
-        except torch.OutOfMemoryError:
+        except torch.cuda.OutOfMemoryError:  # (torch.OutOfMemoryError from torch 2.5; this name since 1.13)
             if len(batch) == 1:
                 raise FileLevelError(f"{batch[0][0]}: out of device memory for one image (try --window or fewer --scales)") from None
             results = [(image_id, run(image[None])[0]) for image_id, image in batch]  # one at a time
