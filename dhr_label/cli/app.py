@@ -190,6 +190,10 @@ class _Advance:
     def total(self, n: int) -> None:
         self._progress.update(self._task, total=n)
 
+    def phase(self, description: str, n: int) -> None:
+        """Start the bar again for another phase of the run, with its own total."""
+        self._progress.update(self._task, description=description, total=n, completed=0)
+
 
 @contextlib.contextmanager
 def progress_bar(description: str, total: int | None):

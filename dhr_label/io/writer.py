@@ -260,6 +260,85 @@ class Writer:
             raise FileLevelError(f"{self.path}: cannot write image {image_id}: {exc}") from None
         return True
 
+    def extend(self, image_id: str, *, uss, replace: bool = False, attrs: Mapping | None = None) -> bool:
+        """Add ``uss`` to an image's group beside what it holds (its WSS layers, its CAMs).
+
+        The group is created when absent (a feats file; a combined file needs the image's CAMs
+        first), with the same marker as :meth:`add`. An existing group is
+        marked with :data:`~dhr_label.io.contract.INCOMPLETE_ATTR` naming the dataset being added
+        until it is flushed, so a killed writer leaves the image incomplete, never half-written;
+        the next ``extend`` of that id completes it and keeps the rest of the group.
+
+        ``attrs`` are set on the ``uss`` dataset (e.g. which settings made it) before the group is
+        declared complete.
+
+        Returns
+        -------
+        bool
+            False (writing nothing) when the group already has a complete ``uss`` and not
+            ``replace``.
+
+        Raises
+        ------
+        InputError
+            ``uss`` breaks the contract, or a combined file has no group for the image (its CAMs
+            must be written first).
+        FileLevelError
+            The file cannot be written.
+        """
+        if self.kind == "cams":
+            raise TypeError("extend adds features: open the Writer with kind='feats' or 'combined'")
+        check_id(image_id, str(self.path))
+        handle = self._handle()
+        group = handle.get(image_id)
+        resumable = isinstance(group, h5py.Group) and _text(group.attrs.get(INCOMPLETE_ATTR)) == "extend:uss"
+        fresh = not resumable and image_id not in self  # absent, or left incomplete by add
+        if fresh and self.kind == "combined":
+            raise InputError(image_id, f"{self.path}:/{image_id}", "no complete group to add uss to (write its cam first)")
+        if not fresh and not resumable and "uss" in group and not replace:
+            return False
+        try:
+            datasets = self._feats(uss, None)
+        except BadArray as exc:
+            raise InputError(image_id, f"{self.path}:/{image_id}/{exc.dataset}", exc.problem) from None
+        try:
+            if fresh:
+                if image_id in handle:
+                    del handle[image_id]
+                group = handle.create_group(image_id)
+            group.attrs[INCOMPLETE_ATTR] = "extend:uss"
+            handle.flush()
+            if "uss" in group:
+                del group["uss"]
+            _create(group, "uss", datasets["uss"])
+            for name, value in (attrs or {}).items():
+                group["uss"].attrs[name] = value
+            handle.flush()  # the data reach the file before the group is declared complete
+            del group.attrs[INCOMPLETE_ATTR]
+            handle.flush()
+        except OSError as exc:
+            raise FileLevelError(f"{self.path}: cannot write image {image_id}: {exc}") from None
+        return True
+
+    def uss_tags(self, attr: str) -> dict[str, str | None]:
+        """``{id: value of the attribute attr on its uss}`` for every complete group holding a uss
+        (None where the attribute is absent): which settings made the features already there."""
+        found = {}
+        for image_id, group in self._handle().items():
+            if isinstance(group, h5py.Group) and INCOMPLETE_ATTR not in group.attrs and "uss" in group:
+                value = group["uss"].attrs.get(attr)
+                found[image_id] = value.decode() if isinstance(value, bytes) else value
+        return found
+
+    @property
+    def h5(self) -> h5py.File:
+        """The open file (read it through this handle: HDF5 refuses a second open of a file being written)."""
+        return self._handle()
+
+    def root_attrs(self) -> h5py.AttributeManager:
+        """The file's root attributes (for records such as how its features were made)."""
+        return self._handle().attrs
+
     # -- internals ----------------------------------------------------------------------------
     def _handle(self) -> h5py.File:
         if self._file is None:
