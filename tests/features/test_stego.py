@@ -4,11 +4,10 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers_weights import stego_head, vit_state
 
 from dhr_label.features.checkpoints import Opaque, load_weights
 from dhr_label.features.stego import head_from_state_dict, split_checkpoint
-
-from helpers_weights import stego_head, vit_state
 
 TOL = 1e-6
 

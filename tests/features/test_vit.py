@@ -6,10 +6,9 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers_weights import vit_state
 
 from dhr_label.features.vit import VisionTransformer
-
-from helpers_weights import vit_state
 
 TOL = 1e-5  # float32 attention and layer norms on 16-64 tokens
 
