@@ -176,9 +176,9 @@ def _upload(items: list[_Item], job: RefineJob, device) -> _Upload:
         members = [entry for entry in flat if entry[3].dtype.str == dtype]
         sizes = [a.size for *_, a in members]
         host = torch.empty(sum(sizes), dtype=torch.from_numpy(np.empty(0, dtype)).dtype, pin_memory=True)
-        offset = 0
+        packed, offset = host.numpy(), 0  # a view of the pinned buffer (the arrays may be read-only)
         for (*_, array), size in zip(members, sizes):
-            host[offset : offset + size].copy_(torch.from_numpy(array.reshape(-1)))
+            packed[offset : offset + size] = array.reshape(-1)
             offset += size
         with torch.cuda.stream(stream):
             on_device = host.to(device, non_blocking=True)
