@@ -74,8 +74,8 @@ def test_features_are_read_only_for_the_steps_that_use_them(tmp_path, uss, wss):
 
 
 def test_step_1_alone_needs_no_feats_file_and_steps_2_3_do(tmp_path):
-    c, _ = files(tmp_path)
-    with c:
+    c, f = files(tmp_path)
+    with c, f:
         assert load_inputs("x", c, None).uss is None
         for flags in ({"uss": True}, {"wss": True}):
             refused(lambda: load_inputs("x", c, None, **flags), "--feats", "Steps 2/3 need a feats file")
@@ -92,8 +92,8 @@ def test_the_features_are_not_opened_for_step_1(tmp_path):
 # Base masks
 # ----------------------------------------------------------------------------------------------
 def test_no_base_mask_is_noted_unless_one_is_required(tmp_path):
-    c, _ = files(tmp_path, base=None)
-    with c:
+    c, f = files(tmp_path, base=None)
+    with c, f:
         got = load_inputs("x", c, None)
         assert got.base is None and got.notes == ["no base mask: seed only (M_init = M_seed)"]
         refused(lambda: load_inputs("x", c, None, base_required=True), f"{c.path}:/x/base",
@@ -115,16 +115,16 @@ def test_a_base_mask_directory_wins_over_the_file(tmp_path):
     other = np.where(BASE == 1, 2, BASE).astype(np.uint8)
     bases = tmp_path / "bases"
     png(bases, "x.png", other)
-    c, _ = files(tmp_path)
-    with c:
+    c, f = files(tmp_path)
+    with c, f:
         np.testing.assert_array_equal(load_inputs("x", c, None, base_dir=bases).base, other)
 
 
 def test_a_base_mask_directory_without_this_image_or_with_a_bad_mask(tmp_path):
     bases = tmp_path / "bases"
     png(bases, "y.png", BASE)
-    c, _ = files(tmp_path)
-    with c:
+    c, f = files(tmp_path)
+    with c, f:
         refused(lambda: load_inputs("x", c, None, base_dir=bases), bases, "no base mask x.png in this directory")
         rgb = png(bases, "x.png", IMAGE)
         refused(lambda: load_inputs("x", c, None, base_dir=bases), rgb,
@@ -134,14 +134,14 @@ def test_a_base_mask_directory_without_this_image_or_with_a_bad_mask(tmp_path):
 
 
 def test_a_base_mask_of_another_size_blames_the_side_that_came_from_outside(tmp_path):
-    c, _ = files(tmp_path, base=BASE[:3])
-    with c:  # both from the file: the mask is wrong for its image
+    c, f = files(tmp_path, base=BASE[:3])
+    with c, f:  # both from the file: the mask is wrong for its image
         refused(lambda: load_inputs("x", c, None), f"{c.path}:/x/base",
                 f"expected a 4 x 6 mask (the image's size, {c.path}:/x/image), found 3 x 6")
-    c, _ = files(tmp_path / "good")
+    c, f = files(tmp_path / "good")
     images = tmp_path / "images"
     big = png(images, "x.png", np.zeros((6, 9, 3), np.uint8))
-    with c:  # --images given, the mask is the file's own: the image is the one that does not fit
+    with c, f:  # --images given, the mask is the file's own: the image is the one that does not fit
         refused(lambda: load_inputs("x", c, None, images_dir=images), big,
                 f"expected the size of the base mask {c.path}:/x/base, 4 x 6 (H x W), found 6 x 9")
         bases = tmp_path / "bases"
@@ -157,8 +157,8 @@ def test_an_image_directory_wins_over_the_file(tmp_path):
     other = 255 - IMAGE
     images = tmp_path / "images"
     png(images, "x.png", other)
-    c, _ = files(tmp_path)
-    with c:
+    c, f = files(tmp_path)
+    with c, f:
         got = load_inputs("x", c, None, images_dir=images)
     np.testing.assert_array_equal(got.image, other)
     assert got.notes == []
@@ -167,8 +167,8 @@ def test_an_image_directory_wins_over_the_file(tmp_path):
 def test_an_image_found_nowhere(tmp_path):
     images = tmp_path / "images"
     png(images, "y.png", IMAGE)
-    c, _ = files(tmp_path, image=None)
-    with c:
+    c, f = files(tmp_path, image=None)
+    with c, f:
         refused(lambda: load_inputs("x", c, None), f"{c.path}:/x/image", "no image in the file and no --images directory given")
         refused(lambda: load_inputs("x", c, None, images_dir=images), images, "no image x.jpg|.jpeg|.png in this directory")
 
@@ -177,8 +177,8 @@ def test_an_image_file_that_cannot_be_decoded(tmp_path):
     images = tmp_path / "images"
     images.mkdir()
     (images / "x.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\0" * 40)
-    c, _ = files(tmp_path)
-    with c:
+    c, f = files(tmp_path)
+    with c, f:
         refused(lambda: load_inputs("x", c, None, images_dir=images), images / "x.png", "cannot decode the image: ")
 
 
@@ -204,8 +204,8 @@ def _palette(directory):
 @pytest.mark.parametrize("make, expected, note", ADAPTED.values(), ids=ADAPTED.keys())
 def test_image_files_in_other_modes_are_converted_and_noted(tmp_path, make, expected, note):
     make(tmp_path / "images")
-    c, _ = files(tmp_path)
-    with c:
+    c, f = files(tmp_path)
+    with c, f:
         got = load_inputs("x", c, None, images_dir=tmp_path / "images")
     assert got.image.dtype == np.uint8 and got.image.flags.writeable
     np.testing.assert_array_equal(got.image, expected)
@@ -213,8 +213,8 @@ def test_image_files_in_other_modes_are_converted_and_noted(tmp_path, make, expe
 
 
 def test_a_converted_image_in_the_file_is_noted(tmp_path):
-    c, _ = files(tmp_path, image=np.concatenate([IMAGE, np.zeros((4, 6, 1), np.uint8)], axis=2))
-    with c:
+    c, f = files(tmp_path, image=np.concatenate([IMAGE, np.zeros((4, 6, 1), np.uint8)], axis=2))
+    with c, f:
         got = load_inputs("x", c, None)
     np.testing.assert_array_equal(got.image, IMAGE)
     assert got.notes == ["image: RGBA: alpha dropped"]
@@ -326,6 +326,6 @@ def test_no_image_for_any_selected_id_is_one_file_level_error(tmp_path):
 
 
 def test_one_image_in_the_file_is_enough(tmp_path):
-    c, _ = files(tmp_path)
-    with c:
+    c, f = files(tmp_path)
+    with c, f:
         assert check_image_source(c, ["x"], None) is None
