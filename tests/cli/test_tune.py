@@ -1,4 +1,4 @@
-"""``dhr-label tune``: a grid whose best value is known by construction, disjoint covering folds,
+"""``dhr-label tune``: a grid whose best value is known by construction, balanced folds,
 Step 1 computed once per Step-1 setting, resume, and params.json through ``refine --params``."""
 from __future__ import annotations
 
@@ -13,7 +13,6 @@ from dhr_label.cli import app
 from dhr_label.core import stages
 from dhr_label.core.pipeline import Stage
 from dhr_label.io.masks import write_mask
-from dhr_label.metrics.crossval import Tally, assign_folds, cross_validate
 from dhr_label.presets import PRESETS
 
 runner = CliRunner()
@@ -117,47 +116,6 @@ def test_random_samples_are_reproducible(labelled, tmp_path):
     settings = [[v["settings"] for v in json.loads(r.stdout)["variants"]] for r in runs]
     assert settings[0] == settings[1] and len(settings[0]) == 3
     assert all(0.1 <= s["rho"] <= 0.9 for s in settings[0])
-
-
-# ----------------------------------------------------------------------------------------------
-# The cross-validation maths
-# ----------------------------------------------------------------------------------------------
-def test_folds_are_disjoint_covering_balanced_and_order_free():
-    ids = [f"id{i}" for i in range(11)]
-    folds = assign_folds(ids, 3, seed=1)
-    assert sorted(folds) == sorted(ids) and set(folds.values()) == {0, 1, 2}
-    sizes = sorted(list(folds.values()).count(k) for k in range(3))
-    assert sizes == [3, 4, 4]
-    assert assign_folds(list(reversed(ids)), 3, seed=1) == folds
-    with pytest.raises(ValueError, match="between 2 and the number of images"):
-        assign_folds(ids[:1], 2)
-
-
-def _tally(correct: int, wrong: int) -> Tally:
-    """Two classes; class 0 right ``correct`` times, wrong ``wrong`` times; class 1 always right."""
-    confusion = np.array([[correct, wrong, 0], [0, 10, 0]], dtype=np.int64)
-    return Tally(confusion, 0, 2, 1)
-
-
-def _miou(correct: int, wrong: int, tallies: int = 1) -> float:
-    """The mIoU of ``tallies`` of them summed: class 1 holds 10 pixels each."""
-    right = 10 * tallies
-    return (correct / (correct + wrong) + right / (right + wrong)) / 2
-
-
-def test_held_out_scores_are_of_the_setting_chosen_without_that_fold():
-    # Setting 0 is the best on fold 0 alone; setting 1 on folds 1 and 2, and on any two folds.
-    counts = [[(10, 0), (5, 5), (5, 5)], [(8, 2), (9, 1), (9, 1)]]
-    cv = cross_validate([[_tally(*c) for c in folds] for folds in counts], "miou")
-    assert [f.chosen for f in cv.folds] == [1, 1, 1]
-    assert cv.folds[0].held_out["miou"] == pytest.approx(_miou(8, 2))  # setting 1 on fold 0
-    assert cv.pooled["miou"] == pytest.approx(_miou(8 + 9 + 9, 2 + 1 + 1, 3))
-    assert cv.chosen == 1 and cv.in_sample["miou"] == pytest.approx(_miou(26, 4, 3))
-    # Where the choice depends on the held-out fold: setting 0 is best unless fold 2 is in.
-    counts = [[(10, 0), (10, 0), (0, 10)], [(7, 3), (7, 3), (10, 0)]]
-    cv = cross_validate([[_tally(*c) for c in folds] for folds in counts], "miou")
-    assert [f.chosen for f in cv.folds] == [1, 1, 0]
-    assert cv.pooled["miou"] == pytest.approx(_miou(7 + 7 + 0, 3 + 3 + 10, 3))
 
 
 def test_tables_are_not_cut_when_stdout_is_a_pipe(labelled, tmp_path, monkeypatch):
