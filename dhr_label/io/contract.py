@@ -17,13 +17,13 @@ import numpy as np
 
 from ..core.checks import tags_problem
 from ..errors import FileLevelError, InputError
+from .ids import is_valid_id
 
 FORMAT_CAMS = "dhr-label/cams"
 FORMAT_FEATS = "dhr-label/feats"
 SUPPORTED_VERSIONS = (1,)
 # A group the Writer has started but not finished carries this attribute (see io/writer.py).
 INCOMPLETE_ATTR = "dhr_label_incomplete"
-ID_PATTERN = re.compile(r"^[A-Za-z0-9_.\-]+$")
 _FLOAT_KINDS = ("f",)
 #: What an input file with no image group is told (refine and tune stop on it, inspect lists it).
 EMPTY = "holds no image (no group at its root): nothing to refine; was it written to the end (dhr-label pack, dhr_label.Writer)?"
@@ -31,7 +31,7 @@ EMPTY = "holds no image (no group at its root): nothing to refine; was it writte
 
 def check_id(image_id: str, source: str) -> None:
     """Raise InputError unless ``image_id`` uses only letters, digits, ``_``, ``-``, ``.``."""
-    if not ID_PATTERN.match(image_id) or image_id in (".", ".."):
+    if not is_valid_id(image_id):
         raise InputError(
             image_id, source, "image id may hold only letters, digits, '_', '-' and '.'"
         )

@@ -12,9 +12,10 @@ ID_PATTERN = re.compile(r"[A-Za-z0-9_.\-]+")
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
 
 
-def is_valid_id(image_id: str) -> bool:
-    """Whether ``image_id`` uses only the characters docs/format.md allows."""
-    return ID_PATTERN.fullmatch(image_id) is not None
+def is_valid_id(image_id) -> bool:
+    """Whether ``image_id`` is an id docs/format.md allows: letters, digits, ``_``, ``-``, ``.``
+    only (the whole string: no trailing newline either), and not ``.`` or ``..``."""
+    return isinstance(image_id, str) and ID_PATTERN.fullmatch(image_id) is not None and image_id not in (".", "..")
 
 
 def read_ids(path: Path) -> list[str]:

@@ -23,7 +23,8 @@ import numpy as np
 from ..errors import DHRLabelError, FileLevelError, InputError
 from ..presets import IGNORE_INDEX, Preset, resolve_preset
 from .checks import BadArray, check_base, check_cams, check_image, check_map, chunk_shape, to_storage
-from .contract import FORMAT_CAMS, FORMAT_FEATS, ID_PATTERN, INCOMPLETE_ATTR, check_id
+from .contract import FORMAT_CAMS, FORMAT_FEATS, INCOMPLETE_ATTR, check_id
+from .ids import is_valid_id
 
 VERSION = 1
 KINDS = ("cams", "feats", "combined")
@@ -202,7 +203,7 @@ class Writer:
 
     def __contains__(self, image_id: str) -> bool:
         """Whether ``image_id`` is complete in the file (an interrupted group is not)."""
-        if not isinstance(image_id, str) or not ID_PATTERN.match(image_id) or image_id in (".", ".."):
+        if not is_valid_id(image_id):
             return False
         group = self._handle().get(image_id)
         return isinstance(group, h5py.Group) and INCOMPLETE_ATTR not in group.attrs
