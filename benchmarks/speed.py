@@ -14,9 +14,12 @@ For each dataset given (the CamVid benchmark, generated inputs from make_inputs.
 4. with ``--rss DIR ...``: the peak resident memory of a whole ``dhr-label refine -j 2`` run
    (parent and workers summed, sampled every 20 ms) on each directory;
 5. with ``--compare-with DIR`` (a checkout of another version, e.g. ``git worktree add /tmp/v04
-   v0.4``): ``dhr-label refine`` of that version and of this one on the same ``--compare-images``
-   images with 1 and 2 workers, run alternately (``--repeat`` pairs, so the load of a shared
-   machine hits both alike), and the ratio of their times per image;
+   v0.4``): the refine engine of that version and of this one (a worker's whole work for an
+   image: read, DHR, write), image by image and alternately, in long-lived worker processes of
+   each version (one, then two at a time on two images: ``-j 1`` and ``-j 2``), with the same
+   class prototypes, on ``--compare-images`` images; the pooling of the prototypes timed apart;
+   ``--repeat`` rounds. The ratio of the summed times is the figure: pairing every image with
+   itself and alternating makes the load of a shared machine hit both versions alike;
 6. the machine, its load average before and after (the ratios come from one run).
 
 Every process runs with one BLAS/OpenMP thread (as the workers do): two threads per
@@ -279,25 +282,111 @@ def parallel_efficiency(data: Path, count: int) -> dict:
     }
 
 
+#: A worker of one checkout: reads ids on stdin, answers the seconds of its engine per image.
+#: Written against the names of both layouts (0.4's runtime.refine.cpu.refine_one, 0.5's
+#: runtime.refine.images.make_mask): a benchmark of versions must run the other one's code.
+_WORKER = r"""
+import json, os, sys, tempfile, time
+from pathlib import Path
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+import torch; torch.set_num_threads(1)
+from dhr_label.io.contract import CamsFile
+from dhr_label.params import DHRParams
+from dhr_label.presets import preset_from_classes
+from dhr_label.runtime.outcomes import MaskTarget
+from dhr_label.runtime.prototypes import from_file
+try:
+    from dhr_label.runtime.refine.images import RefineJob, make_mask as engine
+except ImportError:
+    from dhr_label.runtime.refine.cpu import RefineJob, refine_one as engine
+data, prototypes = Path(sys.argv[1]), Path(sys.argv[2])
+with CamsFile.open(data / "cams.h5") as cams:
+    preset = preset_from_classes(cams.classes, cams.background)
+params = DHRParams()
+protos = from_file(prototypes, num_classes=len(preset.classes), wss=True).prototypes
+out = Path(tempfile.mkdtemp(prefix="dhr-speed-eng-"))
+job = RefineJob(data / "cams.h5", data / "feats.h5", params, preset.background,
+                MaskTarget(out, preset.palette, "speed", "speed"), prototypes=protos)
+for line in sys.stdin:
+    image_id = line.strip()
+    t = time.perf_counter()
+    result = engine(job, image_id)
+    print(json.dumps({"id": image_id, "s": time.perf_counter() - t, "status": result.status}), flush=True)
+"""
+
+
+class _Worker:
+    """A long-lived engine process of one checkout."""
+
+    def __init__(self, checkout: Path, data: Path, prototypes: Path):
+        env = dict(os.environ, PYTHONPATH=str(checkout), OMP_NUM_THREADS="1")
+        self.process = subprocess.Popen([sys.executable, "-c", _WORKER, str(data), str(prototypes)], env=env, text=True,
+                                        stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+
+    def send(self, image_id: str) -> None:
+        self.process.stdin.write(image_id + "\n")
+        self.process.stdin.flush()
+
+    def answer(self) -> float:
+        reply = json.loads(self.process.stdout.readline())
+        if reply["status"] != "done":
+            raise SystemExit(f"{reply['id']}: {reply['status']}")
+        return reply["s"]
+
+    def close(self) -> None:
+        self.process.stdin.close()
+        self.process.wait()
+
+
+def pooling_seconds(checkout: Path, data: Path) -> float:
+    """Seconds the prototypes' pooling of ``checkout`` takes on every image of ``data`` (2 workers)."""
+    code = ("import sys, time; from pathlib import Path; from dhr_label.runtime.prototypes import PoolJob, pool; "
+            "from dhr_label.io.contract import CamsFile; d = Path(sys.argv[1]); c = CamsFile.open(d / 'cams.h5'); "
+            "n = len(c.classes); c.close(); t = time.perf_counter(); pool(PoolJob(d / 'cams.h5', d / 'feats.h5', n, wss=True), "
+            "workers=2); print(time.perf_counter() - t)")
+    env = dict(os.environ, PYTHONPATH=str(checkout), OMP_NUM_THREADS="1")
+    return float(subprocess.run([sys.executable, "-c", code, str(data)], env=env, text=True, capture_output=True,
+                                check=True).stdout.strip().splitlines()[-1])
+
+
 def versions(data: Path, count: int, other: Path, repeat: int) -> dict:
-    """``dhr-label refine`` of ``other`` (a checkout) and of this tree on the same ``count``
-    images with 1 and 2 workers, alternately ``repeat`` times; the ratio of their times (this /
-    other), from each run's own timing (pooling the prototypes included: the default run)."""
+    """The refine engine of ``other`` (a checkout) against this tree's, image by image, with 1
+    and 2 workers at a time (see the module docstring); the prototypes' pooling apart."""
     here = Path(__file__).resolve().parents[1]
-    rows: dict = {1: [], 2: []}
-    for _ in range(repeat):
-        for workers in (1, 2):
-            pair = {}
-            for name, checkout in (("other", other), ("this", here)):
-                with tempfile.TemporaryDirectory(prefix="dhr-speed-ver-") as out:
-                    summary, wall, _, cpu = run_command(refine_command(data, Path(out), workers, ["--limit", str(count)]), checkout=checkout)
-                pair[name] = {"seconds": summary["seconds"], "wall": wall, "cpu": cpu}
-            pair["ratio"] = pair["this"]["seconds"] / pair["other"]["seconds"]
-            rows[workers].append(pair)
-    return {"data": str(data), "images": count, "other": str(other), "runs": rows,
-            "median_ratio": {w: float(np.median([p["ratio"] for p in r])) for w, r in rows.items()},
-            "per_image_s": {w: {k: float(np.median([p[k]["seconds"] for p in r])) / count for k in ("this", "other")}
-                            for w, r in rows.items()}}
+    with CamsFile.open(data / "cams.h5") as cams:
+        ids = cams.ids()[:count]
+    prototypes = Path(tempfile.mkdtemp(prefix="dhr-speed-protos-")) / "prototypes.npz"
+    subprocess.run([sys.executable, "-m", "dhr_label", "refine", "--cams", str(data / "cams.h5"), "--feats",
+                    str(data / "feats.h5"), "--out", str(prototypes.parent / "masks"), "--limit", "1", "--workers", "2"]
+                   + (["--classes", str(data / "classes.txt")] if (data / "classes.txt").exists() else []),
+                   check=True, capture_output=True)
+    (prototypes.parent / "masks" / "dhr-label-prototypes.npz").rename(prototypes)
+    checkouts = {"other": other, "this": here}
+    rows: dict = {}
+    for workers in (1, 2):
+        pool = {name: [_Worker(path, data, prototypes) for _ in range(workers)] for name, path in checkouts.items()}
+        for name in pool:  # warm-up: imports, file handles, the first lattice
+            for w in pool[name]:
+                w.send(ids[0])
+            [w.answer() for w in pool[name]]
+        totals = {"other": 0.0, "this": 0.0}
+        for _ in range(repeat):
+            for start in range(0, len(ids), workers):
+                group = ids[start : start + workers]
+                for name in (("other", "this") if start % (2 * workers) == 0 else ("this", "other")):
+                    t = time.perf_counter()
+                    for w, image_id in zip(pool[name], group):
+                        w.send(image_id)
+                    [w.answer() for w in pool[name][: len(group)]]
+                    totals[name] += time.perf_counter() - t
+        for workers_of in pool.values():
+            for w in workers_of:
+                w.close()
+        images = repeat * len(ids)
+        rows[workers] = {"per_image_s": {k: v / images for k, v in totals.items()}, "ratio": totals["this"] / totals["other"]}
+    pooling = {name: [pooling_seconds(path, data) for _ in range(repeat)] for name, path in checkouts.items()}
+    return {"data": str(data), "images": len(ids), "repeat": repeat, "other": str(other), "engine": rows,
+            "pooling_s": pooling, "pooling_ratio": float(np.median(pooling["this"]) / np.median(pooling["other"]))}
 
 
 def device_throughput(data: Path, count: int) -> dict | None:
@@ -375,12 +464,15 @@ def main(argv: list[str] | None = None) -> int:
     if args.compare_with and args.data:
         row = versions(args.data[0], args.compare_images, args.compare_with, args.repeat)
         report["versions"] = row
-        print(f"\n== this tree against {row['other']}, {row['images']} images of {row['data']}, {args.repeat} pair(s) of runs each")
+        print(f"\n== the refine engine of this tree against {row['other']}, {row['images']} images of {row['data']}, "
+              f"{row['repeat']} round(s), image by image alternately")
         for workers in (1, 2):
-            for pair in row["runs"][workers]:
-                print(f"  -j {workers}: other {pair['other']['seconds']:7.1f} s, this {pair['this']['seconds']:7.1f} s, ratio {pair['ratio']:.3f}")
-            per = row["per_image_s"][workers]
-            print(f"-j {workers}: median ratio {row['median_ratio'][workers]:.3f} (this / other); per image {per['this']:.3f} s vs {per['other']:.3f} s")
+            eng = row["engine"][workers]
+            print(f"-j {workers}: per image this {eng['per_image_s']['this']:.3f} s, other {eng['per_image_s']['other']:.3f} s, "
+                  f"ratio {eng['ratio']:.3f}")
+        pool = row["pooling_s"]
+        print(f"prototypes' pooling (every image, 2 workers): this {np.median(pool['this']):.2f} s, other "
+              f"{np.median(pool['other']):.2f} s (median of {len(pool['this'])}), ratio {row['pooling_ratio']:.3f}")
 
     if args.device_images and args.data:
         row = device_throughput(args.data[0], args.device_images)
