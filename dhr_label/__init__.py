@@ -21,7 +21,7 @@ __version__ = "0.4.0"
 from .core.dhr import refine  # noqa: E402
 from .core.prototypes import Prototypes  # noqa: E402
 from .io.writer import Writer  # noqa: E402
-from .params import CapMode, CRFBackend, CRFParams, DHRParams, Marginal, OTParams, Steps  # noqa: E402
+from .params import CapMode, CRFBackend, CRFKernels, CRFParams, DHRParams, Marginal, OTParams, Steps  # noqa: E402
 
 _LAZY = {"refine_batch": ("core.batched", "refine_batch"), "dense_crf": ("core.crf.meanfield", "dense_crf"),
          "BatchCRF": ("core.crf.meanfield", "BatchCRF")}
@@ -36,5 +36,5 @@ def __getattr__(name: str):
     raise AttributeError(f"module 'dhr_label' has no attribute {name!r}")
 
 
-__all__ = ["__version__", "BatchCRF", "CapMode", "CRFBackend", "CRFParams", "DHRParams", "Marginal", "OTParams",
+__all__ = ["__version__", "BatchCRF", "CapMode", "CRFBackend", "CRFKernels", "CRFParams", "DHRParams", "Marginal", "OTParams",
            "Prototypes", "Steps", "Writer", "dense_crf", "refine", "refine_batch"]

@@ -24,6 +24,14 @@ class CRFBackend(str, enum.Enum):
     torch = "torch"  # ours: the permutohedral lattice in PyTorch, batched (CPU or GPU)
 
 
+class CRFKernels(str, enum.Enum):
+    """How the torch backend runs its mean-field iterations (the same marginals bit for bit)."""
+
+    auto = "auto"  # triton on CUDA when Triton imports, eager elsewhere
+    eager = "eager"  # torch operations (filtering.py, softmax.py)
+    triton = "triton"  # fused Triton kernels (kernels.py; on the CPU under TRITON_INTERPRET=1)
+
+
 class Marginal(str, enum.Enum):
     """Class marginal of an optimal-transport call."""
 
@@ -103,6 +111,9 @@ class CRFParams:
     bilateral_compat: float = 4.0
     unary_clip: float = 1e-5
     backend: CRFBackend = CRFBackend.pydensecrf  # refine picks the default per device (README)
+    # How the torch backend computes (not what: both give the same marginals bit for bit, so
+    # the masks' fingerprint leaves it out); auto resolves per device (core/crf/fused.py).
+    kernels: CRFKernels = CRFKernels.auto
 
     def __post_init__(self) -> None:
         _coerce_enums(self)

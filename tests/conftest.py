@@ -5,6 +5,8 @@ runs the device-parametrised tests (those taking the ``device`` fixture) on the 
 """
 from __future__ import annotations
 
+import os
+
 import pytest
 
 
@@ -14,6 +16,15 @@ def pytest_addoption(parser):
         help="torch device(s) for device-parametrised tests: cpu (default), cuda, cuda:1...; repeat for several",
     )
     parser.addoption("--runslow", action="store_true", default=False, help="also run tests marked slow")
+
+
+def pytest_configure(config):
+    """Triton's interpreter runs the fused CRF kernels on CPU tensors (tests/core/crf/test_fused.py).
+    Triton chooses it when the kernels are imported, so it is set here, before any test module
+    imports them -- unless a CUDA device is tested, where the kernels are compiled."""
+    devices = config.getoption("--device") or ["cpu"]
+    if not any(d.startswith("cuda") for d in devices):
+        os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 def pytest_generate_tests(metafunc):
