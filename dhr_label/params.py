@@ -212,7 +212,11 @@ class DHRParams:
         return self.steps.needs_uss and self.prototype_weight > 0
 
     def to_dict(self) -> dict:
-        """JSON-ready view (enums as their values), for manifests."""
+        """JSON-ready view (enums as their values), for manifests, fingerprints and params files.
+
+        What decides the masks only: ``crf.kernels`` (how the torch CRF computes, the same
+        marginals bit for bit) is left out; a run records it with its engine.
+        """
 
         def plain(value):
             if isinstance(value, enum.Enum):
@@ -221,7 +225,9 @@ class DHRParams:
                 return {k: plain(v) for k, v in value.items()}
             return value
 
-        return plain(dataclasses.asdict(self))
+        data = plain(dataclasses.asdict(self))
+        del data["crf"]["kernels"]
+        return data
 
     def replace(self, **changes) -> "DHRParams":
         """A copy with ``changes`` applied (the dataclass is frozen)."""
@@ -240,6 +246,7 @@ class DHRParams:
         """A copy with dotted fields set (``{"tau": 0.5, "ot.eps": 0.2, "cap": "majority"}``),
         checked as :meth:`from_dict` checks a file."""
         data = self.to_dict()
+        data["crf"]["kernels"] = self.crf.kernels.value  # to_dict leaves it out: kept through the copy
         for dotted, value in values.items():
             *path, last = dotted.split(".")
             node = data

@@ -145,7 +145,7 @@ class FusedLattices:
         the device's launches under the interpreter).
     """
 
-    def __init__(self, images: list[torch.Tensor], params: CRFParams, *, chunk_pixels: int = CHUNK_PIXELS,
+    def __init__(self, images: list[torch.Tensor], params: CRFParams, *, chunk_pixels: int | None = None,
                  tiling: str | None = None):
         from . import kernels
         from .meanfield import bilateral_features, gaussian_features
@@ -166,7 +166,7 @@ class FusedLattices:
                 gauss[size] = len(structures)
                 features = gaussian_features(*size, params.gauss_sxy, device=dev)
                 structures.append(_structure(features, torch.zeros(size[0] * size[1], dtype=torch.int64, device=dev)))
-        chunks = _chunks([h * w for h, w in sizes], chunk_pixels)
+        chunks = _chunks([h * w for h, w in sizes], chunk_pixels or CHUNK_PIXELS)
         bilat = []
         for first, stop in chunks:
             features = torch.cat([bilateral_features(im, params.bilateral_sxy, params.bilateral_srgb) for im in images[first:stop]])

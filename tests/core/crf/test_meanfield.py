@@ -1,6 +1,7 @@
 """The batched torch DenseCRF against pydensecrf, batch invariance, its softmax, validation."""
 import ctypes
 import ctypes.util
+import dataclasses
 import platform
 
 import numpy as np
@@ -24,6 +25,7 @@ X86_64 = platform.machine() in ("x86_64", "AMD64")
 needs_x86 = pytest.mark.skipif(not X86_64, reason="bit-exactness is for pydensecrf's x86-64 SSE build")
 # numpy's float32 exp is not Eigen's: the wrapper's zero-iteration softmax may differ by an ulp.
 SOFTMAX_ATOL = 1e-6
+INDEX_FIELDS = ("splat_entry", "splat_pixel", "blur_index", "slice_index")  # int32 on CUDA, int64 on CPU
 
 
 
@@ -126,6 +128,22 @@ def test_repeated_runs_and_both_filter_methods_are_bit_identical(device):
     other = BatchCRF(images, PARAMS, method="bags" if device.type != "cpu" else "segments").marginals(probs)
     for a, b, c in zip(first, again, other):
         assert torch.equal(a, b) and torch.equal(a, c)
+
+
+@pytest.mark.parametrize("index_dtype", [torch.int32, torch.int64])
+def test_both_index_widths_with_either_filter_give_the_same_marginals(device, index_dtype):
+    """CUDA's path (int32 indices, segment sums) and the CPU's (int64, bags) on one device."""
+    scenes = [_scene(26, 33, 6, 15), _scene(19, 21, 2, 16)]
+    images, probs = [i.to(device) for i, _ in scenes], [p.to(device) for _, p in scenes]
+    reference = BatchCRF(images, PARAMS).marginals(probs)
+    for method in ("segments", "bags"):
+        crf = BatchCRF(images, PARAMS, method=method)
+        crf.lattices = tuple(
+            dataclasses.replace(lat, **{name: getattr(lat, name).to(index_dtype) for name in INDEX_FIELDS})
+            for lat in crf.lattices
+        )
+        for a, q in zip(reference, crf.marginals(probs)):
+            assert torch.equal(a, q), method
 
 
 def test_marginals_are_distributions_and_labels_their_argmax(device):
