@@ -98,21 +98,26 @@ def resolve_kernels(choice: CRFKernels | str, device) -> CRFKernels:
     return choice
 
 
-@dataclass(frozen=True)
+#: The index and weight arrays of a structure that the kernels read, concatenated over structures.
+ARRAYS = ("entry", "offsets", "schedule", "neighbours", "index", "weight", "norm")
+
+
+@dataclass
 class _Structure:
-    """One built lattice in kernel form (index tensors int32, on the lattice's device)."""
+    """One built lattice in kernel form (index tensors int32, on the lattice's device).
+
+    ``arrays``: ``entry`` [P (d+1)] entries (pixel * (d+1) + vertex) by row, pixel order
+    within a row; ``offsets`` [rows + 1] bounds of each row's entries; ``schedule`` [rows]
+    rows, longest first (stable); ``neighbours`` [(d+1) 2 rows] blur neighbours per
+    direction, interleaved; ``index`` [P (d+1)] row of each pixel's vertices; ``weight``
+    [P (d+1)] float32 barycentric weights (pydensecrf's); ``norm`` [P] float32
+    ``1 / sqrt(K(1) + 1e-20)``.
+    """
 
     d: int
-    n_pixels: int
     n_rows: int  # lattice points + 1 (row 0: the zero row)
-    entry: torch.Tensor  # [P (d+1)] entries (pixel * (d+1) + vertex) by row, pixel order within
-    offsets: torch.Tensor  # [n_rows + 1] bounds of each row's entries
-    schedule: torch.Tensor  # [n_rows] rows, longest first (stable)
-    lengths: np.ndarray  # [n_rows] entries of each scheduled row (host: block loop lengths)
-    neighbours: torch.Tensor  # [(d+1) 2 n_rows] blur neighbours per direction, interleaved
-    index: torch.Tensor  # [P (d+1)] row of each pixel's vertices
-    weight: torch.Tensor  # [P (d+1)] float32 barycentric weights (pydensecrf's)
-    norm: torch.Tensor  # [P] float32, 1 / sqrt(K(1) + 1e-20)
+    lengths: np.ndarray  # [n_rows] entries of each scheduled row (host: the splat's loop lengths)
+    arrays: dict
 
 
 def _structure(features: torch.Tensor, image_index: torch.Tensor) -> _Structure:
@@ -120,14 +125,12 @@ def _structure(features: torch.Tensor, image_index: torch.Tensor) -> _Structure:
     from .meanfield import _normalisation
 
     lattice = build_lattice(features, image_index, index_dtype=torch.int32)
-    norm = _normalisation(lattice)
     counts = lattice.splat_offsets.diff()
     schedule = torch.argsort(counts, descending=True, stable=True)
-    return _Structure(
-        lattice.d, lattice.n_pixels, lattice.n_points + 1, lattice.splat_entry, lattice.splat_offsets.to(torch.int32),
-        schedule.to(torch.int32), counts.index_select(0, schedule).cpu().numpy(), lattice.blur_index.reshape(-1),
-        lattice.slice_index.reshape(-1), lattice.slice_weight.reshape(-1), norm,
-    )
+    arrays = {"entry": lattice.splat_entry, "offsets": lattice.splat_offsets.to(torch.int32), "schedule": schedule.to(torch.int32),
+              "neighbours": lattice.blur_index.reshape(-1), "index": lattice.slice_index.reshape(-1),
+              "weight": lattice.slice_weight.reshape(-1), "norm": _normalisation(lattice)}
+    return _Structure(lattice.d, lattice.n_points + 1, counts.index_select(0, schedule).cpu().numpy(), arrays)
 
 
 class FusedLattices:
@@ -183,34 +186,33 @@ class FusedLattices:
         self._images = [(int(starts[b]), h * w, b, len(sizes) + chunk_of[b]) for b, (h, w) in enumerate(sizes)]
         self.n_gauss_instances = len(sizes)
         self.weights = (-float(np.float32(params.gauss_compat)), -float(np.float32(params.bilateral_compat)))
+        #: Lattice points of the Gaussian structures (one per size) and of the bilateral ones.
         self.lattice_points = [sum(s.n_rows - 1 for s in structures[:len(gauss)]), sum(s.n_rows - 1 for s in structures[len(gauss):])]
         self.structures = len(structures)
 
     def _lay_out(self, structures: list[_Structure], uses: list[tuple[int, int]]) -> None:
-        """Concatenate the structures; the instance table; the splat and blur block lists."""
-        parts = {name: [] for name in ("entry", "offsets", "schedule", "neighbours", "index", "weight", "norm")}
-        bases = []
-        totals = dict.fromkeys(parts, 0)
-        for s in structures:
-            bases.append(dict(totals))
-            for name in parts:
-                tensor = getattr(s, name)
-                parts[name].append(tensor)
-                totals[name] += tensor.numel()
-        for name, tensors in parts.items():
-            setattr(self, name, torch.cat(tensors))
-        rows = 0
-        table, self.instance_rows = [], []
-        for sid, pixel in uses:
+        """Concatenate the structures' arrays (each structure's part freed as it is copied);
+        the instance table."""
+        bases = [{} for _ in structures]
+        for name in ARRAYS:
+            total = 0
+            for base, s in zip(bases, structures):
+                base[name] = total
+                total += s.arrays[name].numel()
+            setattr(self, name, torch.cat([s.arrays.pop(name) for s in structures]))
+        rows, table = 0, []
+        self._uses = []  # (rows, scheduled row lengths, instance) of every instance
+        for i, (sid, pixel) in enumerate(uses):
             s, b = structures[sid], bases[sid]
-            # The weights are read by entry (pixel * (d+1) + vertex) and by slice: one base.
+            # entry, index and weight have the same length per structure: the weights are read
+            # by entry (pixel * (d+1) + vertex) and by slice with the one base.
             table.append([pixel, rows, s.n_rows, b["offsets"], b["schedule"], b["entry"], b["norm"], b["neighbours"],
                           b["index"], s.d + 1])
-            self.instance_rows.append(s.n_rows)
+            self._uses.append((s.n_rows, s.lengths, i))
             rows += s.n_rows
         self.n_rows = rows
+        self.instance_rows = [n for n, _, _ in self._uses]
         self.instances = torch.tensor(table, dtype=torch.int64, device=self.device)
-        self._uses = [(structures[sid], i) for i, (sid, _) in enumerate(uses)]
 
     # ------------------------------------------------------------------------------------------
     def _blocks(self, padded: int) -> dict:
@@ -230,15 +232,15 @@ class FusedLattices:
         fixed = None if interpreted else max(16, GPU_TILE["splat"] // padded)
         splat: dict[int, list] = {}
         gauss_blur, bilat_blur = [], []
-        for s, i in self._uses:
+        for n_rows, lengths, i in self._uses:
             start = 0
-            while start < s.n_rows:
-                longest = int(s.lengths[start])
-                rows = fixed or _splat_rows(longest, padded, s.n_rows - start)
+            while start < n_rows:
+                longest = int(lengths[start])
+                rows = fixed or _splat_rows(longest, padded, n_rows - start)
                 splat.setdefault(rows, []).append((i, start, longest))
                 start += rows
             target = gauss_blur if i < self.n_gauss_instances else bilat_blur
-            target.extend((i, start, 0) for start in range(0, s.n_rows, size["blur"]))
+            target.extend((i, start, 0) for start in range(0, n_rows, size["blur"]))
         update = [(b, start, 0) for b, (_, n, _, _) in enumerate(self._images) for start in range(0, n, size["update"])]
 
         def table(rows):

@@ -74,7 +74,7 @@ def splat_kernel(q, norm, entry, weight, offsets, schedule, rows, instances, blo
             pix = e // vertices
             w = tl.load(weights + e, mask=live, other=0.0)
             n = tl.load(norms + pix, mask=live, other=0.0)
-            v = tl.load(values + (pix * S)[:, None] + cols, mask=live[:, None] & colmask, other=0.0)
+            v = tl.load(values + (pix.to(tl.int64) * S)[:, None] + cols, mask=live[:, None] & colmask, other=0.0)
             acc = acc + (v * n[:, None]) * w[:, None]
         i += UNROLL
     out = rows + (tl.load(instances + inst * _NC + _ROW) + row.to(tl.int64)) * S
