@@ -34,6 +34,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import gc
 import json
 import os
 import sys
@@ -70,6 +71,18 @@ def log(*args) -> None:
 # ----------------------------------------------------------------------------------------------
 # Instruments
 # ----------------------------------------------------------------------------------------------
+#: Set at every Triton launch (a pre-run hook while a meter runs), cleared by the next torch op.
+_LAUNCHED = [False]
+
+
+def _interpreter_artifact(name: str, args) -> bool:
+    """Ops Triton's interpreter runs around a launch (host copies of the arguments, copied back
+    onto themselves on the CPU), which a GPU launch does not."""
+    if name in ("aten.set_", "aten.new_empty") or (name == "aten.empty" and 0 in list(args[0])):
+        return True
+    return name == "aten.copy_" and args[0].untyped_storage().data_ptr() == args[1].untyped_storage().data_ptr()
+
+
 def _bytes(t) -> int:
     return t.numel() * t.element_size() if isinstance(t, torch.Tensor) else 0
 
@@ -87,10 +100,14 @@ class OpMeter(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        out = func(*args, **kwargs)
         name = f"aten.{func.overloadpacket.__name__}"
         overload = f"{name}.{func._overloadname}"
-        if not func.is_view:
+        artifact = _interpreter_artifact(name, args)
+        if _LAUNCHED[0] and not artifact:  # the interpreter leaves reference cycles: free what a GPU run frees
+            _LAUNCHED[0] = False
+            gc.collect()
+        out = func(*args, **kwargs)
+        if not func.is_view and not artifact:
             outputs = [t for t in tree_flatten(out)[0] if isinstance(t, torch.Tensor)]
             inputs = [t for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)]
             self.launches += 1
@@ -107,12 +124,15 @@ class OpMeter(TorchDispatchMode):
             self.written += written
             if name in SYNC_OPS or overload in SYNC_OPS or (name == "aten._to_copy" and kwargs.get("device") == torch.device("cpu")):
                 self.syncs += 1
+        # A storage is new if the op made it: not a view, nor an input's (in place, out=).
+        given = {t.untyped_storage().data_ptr() for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)}
         for t in tree_flatten(out)[0]:
-            if isinstance(t, torch.Tensor):
+            if isinstance(t, torch.Tensor) and not func.is_view and t.untyped_storage().data_ptr() not in given:
                 self._track(t)
         return out
 
     def __enter__(self):
+        self._hooks = _launch_hooks()
         # Reading tensors back to the host (tolist, numpy) is no torch op on CPU tensors, and a
         # blocking copy on CUDA: counted as host syncs here.
         self._methods = {name: getattr(torch.Tensor, name) for name in ("tolist", "numpy", "item")}
@@ -123,6 +143,8 @@ class OpMeter(TorchDispatchMode):
     def __exit__(self, *exc):
         for name, method in self._methods.items():
             setattr(torch.Tensor, name, method)
+        for kernel, hook in self._hooks:
+            kernel.pre_run_hooks.remove(hook)
         return super().__exit__(*exc)
 
     def _counting(self, method):
@@ -148,6 +170,20 @@ class OpMeter(TorchDispatchMode):
     def figures(self) -> dict:
         return {"launches": self.launches, "bytes": self.read + self.written, "read": self.read, "written": self.written,
                 "syncs": self.syncs, "ops": dict(self.ops.most_common())}
+
+
+def _launch_hooks() -> list:
+    """Pre-run hooks on the fused kernels that mark a launch (for :class:`OpMeter`)."""
+    from dhr_label.core.crf import kernels
+
+    hooks = []
+    for name in ("splat_kernel", "blur_kernel", "update_kernel"):
+        def hook(*args, **kwargs):
+            _LAUNCHED[0] = True
+
+        getattr(kernels, name).add_pre_run_hook(hook)
+        hooks.append((getattr(kernels, name), hook))
+    return hooks
 
 
 @contextlib.contextmanager
@@ -260,6 +296,7 @@ def measure_eager(images, probs, params: CRFParams) -> dict:
     per_iteration = {k: two.figures()[k] - one.figures()[k] for k in ("launches", "bytes", "read", "written", "syncs")}
     per_iteration["ops"] = dict((Counter(two.ops) - Counter(one.ops)).most_common())
     per_call = {k: one.figures()[k] - per_iteration[k] for k in ("launches", "bytes", "syncs")}
+    per_call["ops"] = dict((Counter(one.ops) - Counter(per_iteration["ops"])).most_common())
     return {"build": build.figures(), "iteration": per_iteration, "call": per_call, "peak_bytes": peak}
 
 
@@ -291,7 +328,8 @@ def measure_fused(images, probs, params: CRFParams, *, launches_only: bool = Fal
                                       "unique": sum(k["unique"] for k in rest if k["kernel"] == name)}
                                for name in ("splat_kernel", "blur_kernel", "update_kernel")}}
     calls = call.figures()
-    per_call = {"launches": calls["launches"] + 1, "bytes": calls["bytes"] + first["requested"], "syncs": calls["syncs"]}
+    per_call = {"launches": calls["launches"] + 1, "bytes": calls["bytes"] + first["requested"], "syncs": calls["syncs"],
+                "ops": calls["ops"]}
     del q
     return {**figures, "iteration": iteration, "call": per_call, "peak_bytes": max(build.peak, build.current + call.peak),
             "lattice_points": crf.fused.lattice_points, "structures": crf.fused.structures}

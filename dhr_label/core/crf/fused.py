@@ -213,41 +213,47 @@ class FusedLattices:
         self.n_rows = rows
         self.instance_rows = [n for n, _, _ in self._uses]
         self.instances = torch.tensor(table, dtype=torch.int64, device=self.device)
+        self._tables: dict[int, dict] = {}  # block tables per padded slot count (_blocks)
 
     # ------------------------------------------------------------------------------------------
     def _blocks(self, padded: int) -> dict:
-        """Block tables, rows (instance or image, first row or pixel, loop length), int32.
+        """Block tables, rows (instance or image, first row or pixel, loop length), int32 on
+        the device; made once per padded slot count (numpy, no Python loop over blocks).
 
         ``splat``: a list of (rows per program, table), one launch each: on a GPU one launch;
         interpreted, the scheduled rows are cut so that rows x loop length stays near
         :data:`INTERPRETER_WORK` (a few long rows per program, many short ones).
         """
+        if padded in self._tables:
+            return self._tables[padded]
         interpreted = self.tiling == "interpreter"
-        largest_rows = max(self.instance_rows)
-        size = {
-            "blur": _block_rows(INTERPRETER_TILE if interpreted else GPU_TILE["blur"], padded, largest_rows, interpreted),
-            "update": _block_rows(INTERPRETER_TILE if interpreted else GPU_TILE["update"], padded,
-                                  max(n for _, n, _, _ in self._images), interpreted),
-        }
-        fixed = None if interpreted else max(16, GPU_TILE["splat"] // padded)
+        tile = {name: INTERPRETER_TILE if interpreted else GPU_TILE[name] for name in GPU_TILE}
+        size = {"blur": _block_rows(tile["blur"], padded, max(self.instance_rows), interpreted),
+                "update": _block_rows(tile["update"], padded, max(n for _, n, _, _ in self._images), interpreted)}
         splat: dict[int, list] = {}
         gauss_blur, bilat_blur = [], []
         for n_rows, lengths, i in self._uses:
-            start = 0
-            while start < n_rows:
-                longest = int(lengths[start])
-                rows = fixed or _splat_rows(longest, padded, n_rows - start)
-                splat.setdefault(rows, []).append((i, start, longest))
-                start += rows
+            if interpreted:
+                start = 0
+                while start < n_rows:
+                    rows = _splat_rows(int(lengths[start]), padded, n_rows - start)
+                    splat.setdefault(rows, []).append(_table(i, [start], lengths[[start]]))
+                    start += rows
+            else:
+                rows = _block_rows(tile["splat"], padded, n_rows, False)
+                starts = np.arange(0, n_rows, rows)
+                splat.setdefault(rows, []).append(_table(i, starts, lengths[starts]))
             target = gauss_blur if i < self.n_gauss_instances else bilat_blur
-            target.extend((i, start, 0) for start in range(0, n_rows, size["blur"]))
-        update = [(b, start, 0) for b, (_, n, _, _) in enumerate(self._images) for start in range(0, n, size["update"])]
+            target.append(_table(i, np.arange(0, n_rows, size["blur"]), 0))
+        update = [_table(b, np.arange(0, n, size["update"]), 0) for b, (_, n, _, _) in enumerate(self._images)]
 
-        def table(rows):
-            return torch.tensor(rows, dtype=torch.int32, device=self.device).reshape(-1, 3)
+        def upload(parts):
+            return torch.from_numpy(np.concatenate(parts)).to(self.device)
 
-        return {"size": size, "splat": [(rows, table(blocks)) for rows, blocks in sorted(splat.items())],
-                "blur": table(gauss_blur + bilat_blur), "bilat_from": len(gauss_blur), "update": table(update)}
+        self._tables[padded] = {
+            "size": size, "splat": [(rows, upload(parts)) for rows, parts in sorted(splat.items())],
+            "blur": upload(gauss_blur + bilat_blur), "bilat_from": sum(len(t) for t in gauss_blur), "update": upload(update)}
+        return self._tables[padded]
 
     def mean_field(self, neg_unary: torch.Tensor, layout: SlotLayout, alpha_last: list[bool], iterations: int) -> torch.Tensor:
         """Mean-field marginals in slot layout (:func:`.meanfield.mean_field`, fused).
@@ -299,6 +305,13 @@ def _launch(kernel, blocks: torch.Tensor, *args, **meta) -> None:
     """One program per block, with :data:`LAUNCH_OPTIONS`."""
     if blocks.shape[0]:
         kernel[(blocks.shape[0],)](*args, **meta, **LAUNCH_OPTIONS)
+
+
+def _table(first: int, starts: np.ndarray, lengths) -> np.ndarray:
+    """Block table rows (first, start, length) as int32, one per start."""
+    out = np.empty((len(starts), 3), dtype=np.int32)
+    out[:, 0], out[:, 1], out[:, 2] = first, starts, lengths
+    return out
 
 
 def _padded(slots: int) -> int:
