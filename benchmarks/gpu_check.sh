@@ -62,7 +62,7 @@ prepare)
     "$PYTHON" benchmarks/make_inputs.py "$tmp/data" 3 --scale tiny >/dev/null || exit 1
     "$PYTHON" benchmarks/gpu_prepare.py "$tmp/data" "$tmp/prepared" --images 3 --calls 2 --crf-iters 3 || exit 1
     mkdir -p "$tmp/hidden/pydensecrf"
-    echo 'raise ImportError("pydensecrf is hidden: the GPU machine has none (gpu_check.sh --rehearse)")' \
+    echo 'raise ModuleNotFoundError("pydensecrf is hidden as on the GPU machine (gpu_check.sh --rehearse)", name="pydensecrf")' \
         > "$tmp/hidden/pydensecrf/__init__.py"
     OUT="$tmp/out" PREPARED="$tmp/prepared" DEVICE=cpu TRITON_INTERPRET=1 PYTHONPATH="$tmp/hidden:$PYTHONPATH" \
         run_parts --rehearse -- tests crf e2e oom

@@ -43,6 +43,19 @@ def device(device_name):
     return chosen
 
 
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    """A test that reaches pydensecrf on a machine without it (a GPU box: no wheel exists for
+    its Python) is reported as skipped, with the reason, not as failed: pydensecrf is the
+    reference of many comparisons, and the rest of such a run still says what works there."""
+    outcome = yield
+    excinfo = call.excinfo
+    if excinfo is not None and excinfo.errisinstance(ModuleNotFoundError) and (excinfo.value.name or "").split(".")[0] == "pydensecrf":
+        report = outcome.get_result()
+        report.outcome = "skipped"
+        report.longrepr = (str(item.path), item.location[1] or 0, "Skipped: pydensecrf is not installed here (the reference of this test)")
+
+
 def pytest_collection_modifyitems(config, items):
     if config.getoption("--runslow"):
         return
