@@ -335,24 +335,33 @@ def measure_fused(images, probs, params: CRFParams, *, launches_only: bool = Fal
             "lattice_points": crf.fused.lattice_points, "structures": crf.fused.structures}
 
 
-def predict(m: dict, pixels_per_image: int, images: int, iterations: int, launch_us: float) -> dict:
+def lattice_builds(name: str, batch: int, pixels_per_image: int) -> int:
+    """Lattices built for a batch of ``batch`` same-size images: eager, one Gaussian and one
+    bilateral over the batch; fused, one Gaussian per size and a bilateral per chunk."""
+    if name == "eager":
+        return 2
+    return 1 + -(-batch * pixels_per_image // fused.CHUNK_PIXELS)
+
+
+def predict(name: str, m: dict, pixels_per_image: int, images: int, iterations: int, launch_us: float) -> dict:
     """passes/s at batch 1, 16, 64 and DHR images/s (two passes, one build) per device."""
     it, call, build = m["iteration"], m["call"], m["build"]
-    per_pixel = {k: it[k] / (pixels_per_image * images) for k in ("bytes",)}
-    call_pp = call["bytes"] / (pixels_per_image * images)
-    build_pp = build["bytes"] / (pixels_per_image * images)
+    pixels_measured = pixels_per_image * images
+    builds_measured = lattice_builds(name, images, pixels_per_image)
     out = {}
     for device, bandwidth in DEVICES.items():
         row = {}
         for batch in (1, 16, 64):
             pixels = batch * pixels_per_image
-            t_iter = pixels * per_pixel["bytes"] / bandwidth + it["launches"] * launch_us * 1e-6
-            t_call = pixels * call_pp / bandwidth + call["launches"] * launch_us * 1e-6 + call["syncs"] * SYNC_US * 1e-6
-            # The build's op count grows with chunks and sizes; scaled here by images (an upper bound).
-            t_build = pixels * build_pp / bandwidth + (build["launches"] * launch_us + build["syncs"] * SYNC_US) * 1e-6 * batch / images
+            t_iter = pixels * it["bytes"] / pixels_measured / bandwidth + it["launches"] * launch_us * 1e-6
+            t_call = (pixels * call["bytes"] / pixels_measured / bandwidth
+                      + (call["launches"] * launch_us + call["syncs"] * SYNC_US) * 1e-6 * batch / images)
+            # The build's ops and syncs come per lattice built; its bytes per pixel.
+            per_build = (build["launches"] * launch_us + build["syncs"] * SYNC_US) * 1e-6 / builds_measured
+            t_build = pixels * build["bytes"] / pixels_measured / bandwidth + per_build * lattice_builds(name, batch, pixels_per_image)
             t_pass = iterations * t_iter + t_call
-            row[f"batch_{batch}"] = {"iteration_ms": 1e3 * t_iter, "crf_passes_per_s": batch / t_pass,
-                                     "dhr_images_per_s": batch / (2 * t_pass + t_build)}
+            row[f"batch_{batch}"] = {"iteration_ms": 1e3 * t_iter, "pass_ms": 1e3 * t_pass, "build_ms": 1e3 * t_build,
+                                     "crf_passes_per_s": batch / t_pass, "dhr_images_per_s": batch / (2 * t_pass + t_build)}
         out[device] = row
     return out
 
@@ -387,7 +396,7 @@ def main(argv: list[str] | None = None) -> int:
     for name, m in (("eager", eager), ("fused", fused_figures)):
         m["iteration_bytes_per_pixel"] = m["iteration"]["bytes"] / (pixels * args.batch)
         m["peak_bytes_per_pixel_measured_batch"] = m.pop("peak_bytes") / (pixels * args.batch)
-        m["prediction"] = predict(m, pixels, args.batch, params.iterations, args.launch_us)
+        m["prediction"] = predict(name, m, pixels, args.batch, params.iterations, args.launch_us)
     fused_figures["iteration_unique_bytes_per_pixel"] = fused_figures["iteration"]["unique_bytes"] / (pixels * args.batch)
     if not args.quick:
         log(f"peak memory: {args.memory_batch} images ({time.perf_counter() - start:.0f} s so far)")

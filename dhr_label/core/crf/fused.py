@@ -42,9 +42,12 @@ D_GAUSS, D_BILAT = 2, 5  # feature dimensions: (x, y) and (x, y, r, g, b)
 GPU_TILE = {"splat": 512, "blur": 2048, "update": 512}
 # Triton's interpreter runs one program at a time, each operation a numpy call on the whole
 # block: blocks are large (up to INTERPRETER_TILE elements), and a splat program's rows x
-# entries of its longest row stay near INTERPRETER_WORK (long rows in small blocks).
+# entries of its longest row stay near INTERPRETER_WORK, with at least INTERPRETER_SPLAT_ROWS
+# rows (a long row's entries are a sequential loop anyway; up to that size a step's numpy
+# calls cost about the same: 3x faster than smaller blocks at 360 x 480).
 INTERPRETER_TILE = 1 << 16
-INTERPRETER_WORK = 1 << 15
+INTERPRETER_WORK = 1 << 17
+INTERPRETER_SPLAT_ROWS = 512
 UNROLL = 4  # splat entries whose loads are issued together
 #: Compile options of every launch: no contraction of a multiply and an add into one rounding
 #: (the eager path rounds both), 4 warps a program.
@@ -331,8 +334,9 @@ def _block_rows(tile: int, padded: int, largest: int, interpreted: bool) -> int:
 
 def _splat_rows(longest: int, padded: int, left: int) -> int:
     """Interpreted splat: rows per program for rows of up to ``longest`` entries, a power of
-    two >= 16 (rows x entries near :data:`INTERPRETER_WORK`, no more than ``left`` rows)."""
-    by_work = max(1, INTERPRETER_WORK // max(1, longest))
+    two (rows x entries near :data:`INTERPRETER_WORK`, at least :data:`INTERPRETER_SPLAT_ROWS`,
+    no more than the next power of two of ``left``)."""
+    by_work = max(INTERPRETER_SPLAT_ROWS, INTERPRETER_WORK // max(1, longest))
     return _block_rows(min(by_work * padded, INTERPRETER_TILE), padded, left, True)
 
 
