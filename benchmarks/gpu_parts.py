@@ -354,6 +354,7 @@ def speed(args, kernels: str, name: str, size: tuple[int, int], labels: int, bat
     crf.marginals(probs)  # warm-up: compilation, allocator
     builds, passes = [], []
     for _ in range(1 if args.rehearse else 3):
+        crf = None  # one batch's lattices at a time (the peak memory is one build's and one call's)
         sync(device)
         start = time.perf_counter()
         crf = BatchCRF(images, params, kernels=kernels)

@@ -36,9 +36,9 @@ __all__ = ["CHUNK_PIXELS", "FusedLattices", "TritonStatus", "count_launches", "r
 #: Pixels per bilateral lattice build (consecutive whole images; an image larger builds alone).
 CHUNK_PIXELS = 1 << 21
 D_GAUSS, D_BILAT = 2, 5  # feature dimensions: (x, y) and (x, y, r, g, b)
-# Elements per program (rows x padded slots) on a GPU. ptxas (sm_90, Triton 3.6-3.9, 16 slots)
-# reports 150-160 registers for the splat, 100-120 for the blur, 150-230 for the update at
-# 1024 elements: the update takes 512 to keep more warps resident (benchmarks/kernel_compile.py).
+# Elements per program (rows x padded slots) on a GPU. At 1024 elements ptxas (sm_90, Triton
+# 3.6 and 3.9, 16 slots) gave the update 156-231 registers a thread: at 512, 96-142 (the splat
+# 93-95 with 4 entries in flight, the blur 96-116 at 2048), no spills (benchmarks/kernel_compile.py).
 GPU_TILE = {"splat": 512, "blur": 2048, "update": 512}
 # Triton's interpreter runs one program at a time, each operation a numpy call on the whole
 # block: blocks are large (up to INTERPRETER_TILE elements), and a splat program's rows x

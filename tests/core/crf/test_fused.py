@@ -28,14 +28,6 @@ FEW = CRFParams(backend="torch", iterations=3)  # the interpreter is slow: most 
 FULL = CRFParams(backend="torch")  # DHR's 10
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def runs_here(device):
     """Skip where this session cannot run the kernels on ``device`` (said why)."""

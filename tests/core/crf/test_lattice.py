@@ -34,15 +34,6 @@ IMPULSE_CENTROID_ATOL = 0.05
 WEIGHT_ATOL = 0
 
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: intra-op threads only add synchronisation (and stall on a busy CI box)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 def _image(height, width, seed):
     gen = torch.Generator().manual_seed(seed)
     return torch.randint(0, 256, (height, width, 3), generator=gen, dtype=torch.uint8)

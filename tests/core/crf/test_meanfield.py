@@ -28,15 +28,6 @@ SOFTMAX_ATOL = 1e-6
 INDEX_FIELDS = ("splat_entry", "splat_pixel", "blur_index", "slice_index")  # int32 on CUDA, int64 on CPU
 
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: intra-op threads only add synchronisation (and stall on a busy CI box)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 def _smooth(gen, shape, cell):
     """A smooth random field: low-resolution noise, bilinearly upsampled."""
     c, h, w = shape
