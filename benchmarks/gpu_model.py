@@ -26,30 +26,29 @@ reaches less, so the predictions are upper bounds on speed. Launch cost: ``--lau
 
 Usage::
 
-    python benchmarks/gpu_model.py --json gpu_model.json          # ~10 min on a 2-vCPU VM
-    python benchmarks/gpu_model.py --size 48x64 --batch 2 --quick  # the plumbing, in seconds
+    python benchmarks/gpu_model.py --batch 1 --json gpu_model.json   # ~20 min on a 2-vCPU VM
+    python benchmarks/gpu_model.py --size 48x64 --batch 2 --quick     # the plumbing, in a minute or two
 """
 from __future__ import annotations
 
 import argparse
 import contextlib
 import dataclasses
-import gc
 import json
 import os
 import sys
 import time
-import weakref
 from collections import Counter
 from pathlib import Path
 
 os.environ.setdefault("TRITON_INTERPRET", "1")  # before the kernels are imported: CPU tensors
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
-from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
-from torch.utils._pytree import tree_flatten  # noqa: E402
+
+from device_meters import OpMeter, triton_meter  # noqa: E402
 
 from dhr_label.core.crf import fused, meanfield  # noqa: E402
 from dhr_label.core.crf.meanfield import BatchCRF  # noqa: E402
@@ -59,181 +58,8 @@ ROOT = Path(__file__).resolve().parents[1]
 EXAMPLE = ROOT / "examples" / "camvid"
 DEVICES = {"H100": 3.0e12, "H200": 4.3e12}  # device-to-device copy, bytes/s (read + write)
 SYNC_US = 20.0  # a blocking host round trip (a size read back, a copy to the host)
-SYNC_OPS = {"aten._local_scalar_dense", "aten.nonzero", "aten.unique_consecutive", "aten._unique2", "aten.unique_dim",
-            "aten.masked_select", "aten.repeat_interleave.Tensor"}
-GATHERS = {"aten.index_select", "aten.embedding_bag", "aten._embedding_bag", "aten.index", "aten.gather"}
-
-
 def log(*args) -> None:
     print(*args, file=sys.stderr, flush=True)
-
-
-# ----------------------------------------------------------------------------------------------
-# Instruments
-# ----------------------------------------------------------------------------------------------
-#: Set at every Triton launch (a pre-run hook while a meter runs), cleared by the next torch op.
-_LAUNCHED = [False]
-
-
-def _interpreter_artifact(name: str, args) -> bool:
-    """Ops Triton's interpreter runs around a launch (host copies of the arguments, copied back
-    onto themselves on the CPU), which a GPU launch does not."""
-    if name in ("aten.set_", "aten.new_empty") or (name == "aten.empty" and 0 in list(args[0])):
-        return True
-    return name == "aten.copy_" and args[0].untyped_storage().data_ptr() == args[1].untyped_storage().data_ptr()
-
-
-def _bytes(t) -> int:
-    return t.numel() * t.element_size() if isinstance(t, torch.Tensor) else 0
-
-
-class OpMeter(TorchDispatchMode):
-    """Launches, bytes and host syncs of the torch ops run inside it, and the peak of live
-    allocations made inside it (bytes)."""
-
-    def __init__(self):
-        super().__init__()
-        self.launches = self.read = self.written = self.syncs = 0
-        self.ops: Counter = Counter()
-        self.live: dict[int, int] = {}
-        self.current = self.peak = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        name = f"aten.{func.overloadpacket.__name__}"
-        overload = f"{name}.{func._overloadname}"
-        artifact = _interpreter_artifact(name, args)
-        if _LAUNCHED[0] and not artifact:  # the interpreter leaves reference cycles: free what a GPU run frees
-            _LAUNCHED[0] = False
-            gc.collect()
-        out = func(*args, **kwargs)
-        if not func.is_view and not artifact:
-            outputs = [t for t in tree_flatten(out)[0] if isinstance(t, torch.Tensor)]
-            inputs = [t for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)]
-            self.launches += 1
-            self.ops[name] += 1
-            written = sum(_bytes(t) for t in outputs)
-            if name in GATHERS:  # the table is read where gathered: as many bytes as come out
-                table = inputs[0]
-                read = written + sum(_bytes(t) for t in inputs[1:])
-                if name in ("aten.embedding_bag", "aten._embedding_bag"):
-                    read = _bytes(inputs[1]) * table.shape[1] * table.element_size() // inputs[1].element_size() + _bytes(inputs[1])
-            else:
-                read = sum(_bytes(t) for t in inputs)
-            self.read += read
-            self.written += written
-            if name in SYNC_OPS or overload in SYNC_OPS or (name == "aten._to_copy" and kwargs.get("device") == torch.device("cpu")):
-                self.syncs += 1
-        # A storage is new if the op made it: not a view, nor an input's (in place, out=).
-        given = {t.untyped_storage().data_ptr() for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)}
-        for t in tree_flatten(out)[0]:
-            if isinstance(t, torch.Tensor) and not func.is_view and t.untyped_storage().data_ptr() not in given:
-                self._track(t)
-        return out
-
-    def __enter__(self):
-        self._hooks = _launch_hooks()
-        # Reading tensors back to the host (tolist, numpy) is no torch op on CPU tensors, and a
-        # blocking copy on CUDA: counted as host syncs here.
-        self._methods = {name: getattr(torch.Tensor, name) for name in ("tolist", "numpy", "item")}
-        for name, method in self._methods.items():
-            setattr(torch.Tensor, name, self._counting(method))
-        return super().__enter__()
-
-    def __exit__(self, *exc):
-        for name, method in self._methods.items():
-            setattr(torch.Tensor, name, method)
-        for kernel, hook in self._hooks:
-            kernel.pre_run_hooks.remove(hook)
-        return super().__exit__(*exc)
-
-    def _counting(self, method):
-        def counted(tensor, *args, **kwargs):
-            self.syncs += 1
-            return method(tensor, *args, **kwargs)
-
-        return counted
-
-    def _track(self, t: torch.Tensor) -> None:
-        storage = t.untyped_storage()
-        key = storage.data_ptr()
-        if key == 0 or key in self.live:
-            return
-        self.live[key] = storage.nbytes()
-        self.current += storage.nbytes()
-        self.peak = max(self.peak, self.current)
-        weakref.finalize(storage, self._release, key)
-
-    def _release(self, key: int) -> None:
-        self.current -= self.live.pop(key, 0)
-
-    def figures(self) -> dict:
-        return {"launches": self.launches, "bytes": self.read + self.written, "read": self.read, "written": self.written,
-                "syncs": self.syncs, "ops": dict(self.ops.most_common())}
-
-
-def _launch_hooks() -> list:
-    """Pre-run hooks on the fused kernels that mark a launch (for :class:`OpMeter`)."""
-    from dhr_label.core.crf import kernels
-
-    hooks = []
-    for name in ("splat_kernel", "blur_kernel", "update_kernel"):
-        def hook(*args, **kwargs):
-            _LAUNCHED[0] = True
-
-        getattr(kernels, name).add_pre_run_hook(hook)
-        hooks.append((getattr(kernels, name), hook))
-    return hooks
-
-
-@contextlib.contextmanager
-def triton_meter():
-    """Per Triton launch (in order): kernel, requested bytes, unique bytes (4-byte words once per
-    launch), from the interpreter's loads and stores."""
-    from triton.runtime import interpreter
-
-    builder = interpreter.InterpreterBuilder
-    launches: list[dict] = []
-    words: list[np.ndarray] = []
-
-    def close():
-        if launches and words:
-            launches[-1]["unique"] = 4 * len(np.unique(np.concatenate(words)))
-        words.clear()
-
-    def access(ptrs, mask, itemsize):
-        chosen = ptrs.data[mask.data] if mask.data.shape == ptrs.data.shape else ptrs.data
-        launches[-1]["requested"] += int(chosen.size) * itemsize
-        words.append(np.unique(chosen.astype(np.uint64) >> np.uint64(2)))
-
-    load, store = builder.create_masked_load, builder.create_masked_store
-
-    def counted_load(self, ptrs, mask, other, *rest):
-        access(ptrs, mask, np.dtype(interpreter._get_np_dtype(ptrs.get_element_ty())).itemsize)
-        return load(self, ptrs, mask, other, *rest)
-
-    def counted_store(self, ptrs, value, mask, *rest):
-        access(ptrs, mask, value.data.dtype.itemsize)
-        return store(self, ptrs, value, mask, *rest)
-
-    hooks = []
-    from dhr_label.core.crf import kernels
-
-    for name in ("splat_kernel", "blur_kernel", "update_kernel"):
-        def hook(*args, _name=name, **kw):
-            close()
-            launches.append({"kernel": _name, "requested": 0, "unique": 0})
-
-        getattr(kernels, name).add_pre_run_hook(hook)
-        hooks.append((getattr(kernels, name), hook))
-    builder.create_masked_load, builder.create_masked_store = counted_load, counted_store
-    try:
-        yield launches
-    finally:
-        close()
-        builder.create_masked_load, builder.create_masked_store = load, store
-        for kernel, hook in hooks:
-            kernel.pre_run_hooks.remove(hook)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -300,7 +126,7 @@ def measure_eager(images, probs, params: CRFParams) -> dict:
     return {"build": build.figures(), "iteration": per_iteration, "call": per_call, "peak_bytes": peak}
 
 
-def measure_fused(images, probs, params: CRFParams, *, launches_only: bool = False) -> dict:
+def measure_fused(images, probs, params: CRFParams) -> dict:
     """As :func:`measure_eager` for the fused kernels (one iteration run, attributed launch by
     launch); launches are counted with the GPU's block sizes (on a corner of the images)."""
     p = dataclasses.replace(params, iterations=1)
@@ -317,8 +143,6 @@ def measure_fused(images, probs, params: CRFParams, *, launches_only: bool = Fal
     del device
     figures = {"build": build.figures(), "launches_per_iteration": sum(counts.values()) - 1,
                "launches_by_kernel": counts}
-    if launches_only:
-        return figures
     with OpMeter() as call, triton_meter() as kernels:
         q = crf.marginals(probs)
     first, rest = kernels[0], kernels[1:]  # the first softmax, then the one iteration
@@ -371,7 +195,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--data", type=Path, default=EXAMPLE, help="a dhr-label directory whose photos are used (default: examples/camvid)")
     parser.add_argument("--size", default="360x480", help="H x W of the images (default: CamVid's 360x480)")
     parser.add_argument("--labels", type=int, default=11)
-    parser.add_argument("--batch", type=int, default=2, help="images measured together (per-pixel figures)")
+    parser.add_argument("--batch", type=int, default=1, help="images measured together (per-pixel figures)")
     parser.add_argument("--memory-batch", type=int, default=8, help="images of the peak-memory measurement (several bilateral chunks)")
     parser.add_argument("--launch-us", type=float, default=5.0, help="cost of one kernel launch, microseconds")
     parser.add_argument("--quick", action="store_true", help="skip the peak-memory batch (plumbing checks)")
@@ -425,7 +249,7 @@ def peak_memory(data: Path, count: int, size: tuple[int, int], labels: int, para
     fused.CHUNK_PIXELS = chunk
     try:
         with OpMeter() as meter:
-            q = BatchCRF(images, p, kernels="triton").marginals(probs)
+            BatchCRF(images, p, kernels="triton").marginals(probs)
     finally:
         fused.CHUNK_PIXELS = default
     out["fused_bytes_per_pixel"] = meter.peak / (count * size[0] * size[1])
