@@ -2,12 +2,12 @@
 # The GPU check: references prepared here, the check run on a bare CUDA machine in parts.
 #
 #   bash benchmarks/gpu_check.sh prepare DATA   # here, with pydensecrf: fills .gpu/ (git-ignored,
-#                                               # ~25 MB, ~5 min for CamVid val: DATA=/path/to/camvid-val)
-#   bash benchmarks/gpu_check.sh PART...        # there: tests (~2 min), crf (~4), e2e (~3), oom (~2), or all
+#                                               # ~21 MB, ~2 min for CamVid val: DATA=/path/to/camvid-val)
+#   bash benchmarks/gpu_check.sh PART...        # there: tests (~1.5 min), crf (~3), e2e (~2-3), oom (~1), or all
 #   bash benchmarks/gpu_check.sh --rehearse     # here: every part on the CPU at tiny sizes (CI runs it)
 #
 # There: Python 3.12 with torch + CUDA, Triton, typer, h5py, pytest; no pydensecrf and nothing
-# to install. Carry .gpu/ with the tree (the device tool's `carry: [".gpu"]`). Each part runs
+# to install; .gpu/ is copied there with the tree. Each part runs
 # under `timeout 240` and writes $OUT/PART.json (rewritten after every step: a part cut off
 # still returns what it did) and $OUT/PART.log: 8 files for the four parts. Details:
 # benchmarks/gpu_parts.py; what the figures mean: docs/performance.md.

@@ -140,12 +140,13 @@ def machine(args) -> dict:
 
     facts = {"python": platform.python_version(), "torch": torch.__version__, "cuda": torch.version.cuda,
              "cpu_cores": os.cpu_count(), "numpy": np.__version__}
-    try:
-        import triton
+    from importlib.metadata import PackageNotFoundError, version
 
-        facts["triton"] = triton.__version__
-    except ImportError:
-        facts["triton"] = None
+    for package in ("triton", "typer", "rich", "h5py", "pillow", "scipy", "joblib", "threadpoolctl", "pytest"):
+        try:
+            facts[package] = version(package)
+        except PackageNotFoundError:
+            facts[package] = None
     from dhr_label.core.crf.fused import triton_status
 
     facts["triton_status"] = triton_status().value
