@@ -31,12 +31,10 @@ import time
 from pathlib import Path
 
 import numpy as np
-import pydensecrf.densecrf as dcrf
 import torch
 import torch.nn.functional as F
 
 from dhr_label.core.crf.meanfield import BatchCRF
-from dhr_label.core.crf.pydense import PydenseCRF
 from dhr_label.core.pipeline import new_state
 from dhr_label.core.pipeline import start as start_stages
 from dhr_label.core.stages import CRFCache, run_stages
@@ -57,6 +55,8 @@ class RecordingCRF(CRFCache):
 
     def __init__(self, image: np.ndarray, params: CRFParams):
         super().__init__(params)
+        from dhr_label.core.crf.pydense import PydenseCRF  # pydensecrf, imported where it is used
+
         self._crf = PydenseCRF(image, params)
         self.calls: list[np.ndarray] = []
         self.outputs: list[np.ndarray] = []
@@ -74,6 +74,8 @@ class RecordingCRF(CRFCache):
 
 def pydensecrf_on_unary(image: np.ndarray, unary: np.ndarray, params: CRFParams) -> np.ndarray:
     """pydensecrf's marginals for a given unary (C x H x W float32)."""
+    import pydensecrf.densecrf as dcrf
+
     c, h, w = unary.shape
     model = dcrf.DenseCRF2D(w, h, c)
     model.addPairwiseGaussian(sxy=params.gauss_sxy, compat=params.gauss_compat)
@@ -148,7 +150,7 @@ def generated_records(data: Path, count: int, size: tuple[int, int], params: CRF
             cams_like = F.interpolate(torch.rand(1, labels, *grid, generator=gen), size=size, mode="bilinear", align_corners=False)[0]
             probs = cams_like**3 + 0.05 * torch.rand(labels, *size, generator=gen)
             probs = (probs / probs.sum(dim=0, keepdim=True)).numpy().astype(np.float32)
-            ref = PydenseCRF(image, params).marginals(probs)
+            ref = RecordingCRF(image, params).marginals(probs)
             records.append({"id": f"gen{size[0]}x{size[1]}-{i}", "image": image, "calls": [probs], "outputs": [ref]})
             log(f"  generated {i + 1}/{count} {size[0]}x{size[1]}, {labels} labels")
     return records

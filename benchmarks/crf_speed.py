@@ -38,7 +38,6 @@ import time
 from pathlib import Path
 
 import numpy as np
-import pydensecrf.densecrf as dcrf
 import torch
 import torch.nn.functional as F
 
@@ -97,6 +96,8 @@ def channel_values(labels: int, size: tuple[int, int], gen: torch.Generator) -> 
 # 1. CPU, one thread
 # ----------------------------------------------------------------------------------------------
 def time_pydensecrf(image: np.ndarray, probs: np.ndarray, params: CRFParams) -> tuple[float, float]:
+    import pydensecrf.densecrf as dcrf  # here: a CUDA machine without pydensecrf runs the rest
+
     c, h, w = probs.shape
     unary = np.ascontiguousarray(-np.log(np.maximum(probs, params.unary_clip)).reshape(c, -1), dtype=np.float32)
     start = time.perf_counter()

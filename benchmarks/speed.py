@@ -48,9 +48,7 @@ import time  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import numpy as np  # noqa: E402
-import pydensecrf.densecrf as dcrf  # noqa: E402
 
-from dhr_label.core.crf import pydense as crf_module  # noqa: E402
 from dhr_label.io.contract import CamsFile  # noqa: E402
 from dhr_label.params import DHRParams  # noqa: E402
 from dhr_label.presets import preset_from_classes  # noqa: E402
@@ -103,6 +101,10 @@ class CRFRecorder:
     """Records the (image, channel values) of every DenseCRF call, for the bare re-run."""
 
     def __init__(self):
+        # pydensecrf is imported where it is used: crf_speed.py reads machine() on CUDA boxes without it.
+        from dhr_label.core.crf import pydense as crf_module
+
+        self.crf_module = crf_module
         self.calls: list[tuple[np.ndarray, np.ndarray]] = []
         self.seconds: list[float] = []  # of each call inside the engine
         self._original = crf_module.PydenseCRF.marginals
@@ -117,11 +119,11 @@ class CRFRecorder:
             recorder.seconds.append(time.perf_counter() - start)
             return out
 
-        crf_module.PydenseCRF.marginals = recording
+        self.crf_module.PydenseCRF.marginals = recording
         return self
 
     def __exit__(self, *exc):
-        crf_module.PydenseCRF.marginals = self._original
+        self.crf_module.PydenseCRF.marginals = self._original
 
 
 def bare_crf_seconds(calls, params, *, reuse: bool = False) -> float:
@@ -131,6 +133,8 @@ def bare_crf_seconds(calls, params, *, reuse: bool = False) -> float:
     calls of an image with the same label count (the lean floor: the set-up paid once). The
     unary (-log of the clipped values) is prepared beforehand and not counted.
     """
+    import pydensecrf.densecrf as dcrf
+
     p = params.crf
     prepared = []
     for image, probs in calls:

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from ._version import __version__  # noqa: F401
 from .io.writer import Writer  # noqa: E402
-from .params import CapMode, CRFBackend, CRFParams, DHRParams, Marginal, OTParams, Steps  # noqa: E402
+from .params import CapMode, CRFBackend, CRFKernels, CRFParams, DHRParams, Marginal, OTParams, Steps  # noqa: E402
 
 _LAZY = {"refine_image": ("core.dhr", "refine_image"), "refine_batch": ("core.dhr", "refine_batch"),
          "Refinement": ("core.dhr", "Refinement"), "Prototypes": ("core.prototypes", "Prototypes"),
@@ -35,5 +35,5 @@ def __getattr__(name: str):
     raise AttributeError(f"module 'dhr_label' has no attribute {name!r}")
 
 
-__all__ = ["__version__", "BatchCRF", "CapMode", "CRFBackend", "CRFParams", "DHRParams", "Marginal", "OTParams",
-           "Prototypes", "Refinement", "Steps", "Writer", "dense_crf", "refine_batch", "refine_image"]
+__all__ = ["__version__", "BatchCRF", "CapMode", "CRFBackend", "CRFKernels", "CRFParams", "DHRParams", "Marginal",
+           "OTParams", "Prototypes", "Refinement", "Steps", "Writer", "dense_crf", "refine_batch", "refine_image"]

@@ -24,6 +24,14 @@ class CRFBackend(str, enum.Enum):
     torch = "torch"  # ours: the permutohedral lattice in PyTorch, batched (CPU or GPU)
 
 
+class CRFKernels(str, enum.Enum):
+    """How the torch backend runs its mean-field iterations (the same marginals bit for bit)."""
+
+    auto = "auto"  # triton on CUDA when Triton imports, eager elsewhere
+    eager = "eager"  # torch operations (filtering.py, softmax.py)
+    triton = "triton"  # fused Triton kernels (kernels.py; on the CPU under TRITON_INTERPRET=1)
+
+
 class Marginal(str, enum.Enum):
     """Class marginal of an optimal-transport call."""
 
@@ -103,6 +111,9 @@ class CRFParams:
     bilateral_compat: float = 4.0
     unary_clip: float = 1e-5
     backend: CRFBackend = CRFBackend.pydensecrf  # refine picks the default per device (README)
+    # How the torch backend computes (not what: both give the same marginals bit for bit, so
+    # the masks' fingerprint leaves it out); auto resolves per device (core/crf/fused.py).
+    kernels: CRFKernels = CRFKernels.auto
 
     def __post_init__(self) -> None:
         _coerce_enums(self)
@@ -201,7 +212,11 @@ class DHRParams:
         return self.steps.needs_uss and self.prototype_weight > 0
 
     def to_dict(self) -> dict:
-        """JSON-ready view (enums as their values), for manifests."""
+        """JSON-ready view (enums as their values), for manifests, fingerprints and params files.
+
+        What decides the masks only: ``crf.kernels`` (how the torch CRF computes, the same
+        marginals bit for bit) is left out; a run records it with its engine.
+        """
 
         def plain(value):
             if isinstance(value, enum.Enum):
@@ -210,7 +225,9 @@ class DHRParams:
                 return {k: plain(v) for k, v in value.items()}
             return value
 
-        return plain(dataclasses.asdict(self))
+        data = plain(dataclasses.asdict(self))
+        del data["crf"]["kernels"]
+        return data
 
     def replace(self, **changes) -> "DHRParams":
         """A copy with ``changes`` applied (the dataclass is frozen)."""
@@ -229,6 +246,7 @@ class DHRParams:
         """A copy with dotted fields set (``{"tau": 0.5, "ot.eps": 0.2, "cap": "majority"}``),
         checked as :meth:`from_dict` checks a file."""
         data = self.to_dict()
+        data["crf"]["kernels"] = self.crf.kernels.value  # to_dict leaves it out: kept through the copy
         for dotted, value in values.items():
             *path, last = dotted.split(".")
             node = data

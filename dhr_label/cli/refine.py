@@ -4,6 +4,7 @@ Parse the options into a :class:`~dhr_label.runtime.refine.RefineRequest`, run i
 """
 from __future__ import annotations
 
+import dataclasses
 import enum
 import json
 import sys
@@ -15,7 +16,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from ..errors import DHRLabelError
-from ..params import CapMode, CRFBackend, CRFParams, DHRParams, Marginal, OTParams, Steps
+from ..params import CapMode, CRFBackend, CRFKernels, CRFParams, DHRParams, Marginal, OTParams, Steps
 from ..presets import resolve_preset
 from ..runtime.outcomes import FAILED
 from ..runtime.refine import RefineReport, RefineRequest, run_refine
@@ -85,12 +86,15 @@ def read_params_file(path: Path) -> DHRParams:
 
 
 def build_params(
-    *, start: DHRParams | None, row: Optional[int], switches: dict, overrides: dict, crf_backend: CRFChoice, device: str
+    *, start: DHRParams | None, row: Optional[int], switches: dict, overrides: dict, crf_backend: CRFChoice, device: str,
+    crf_kernels: CRFKernels = CRFKernels.auto,
 ) -> DHRParams:
     """A :class:`DHRParams` from ``start`` (the defaults, or a ``--params`` file), the ablation
     row and switches, and the options the user set (``overrides``: dotted names to values;
     None = not given). Explicit options win over the file; ``--crf-backend auto`` keeps the
-    file's backend on the CPU. A value out of range is a usage error."""
+    file's backend on the CPU, ``--crf-kernels auto`` the file's kernels. The torch backend's
+    kernels are resolved for ``device`` (auto: triton on cuda when Triton imports, else eager).
+    A value out of range is a usage error."""
     from_file, start = start is not None, start or DHRParams()
     steps = Steps.row(row) if row is not None else start.steps
     if any(v is not None for v in switches.values()):
@@ -117,7 +121,19 @@ def build_params(
         raise usage_error(f"invalid parameters: {exc}") from None
     if device == "cuda" and params.crf.backend is CRFBackend.pydensecrf:
         raise usage_error("pydensecrf runs on the CPU only: with --device cuda the CRF is the torch backend", "--crf-backend")
-    return params
+    kernels = crf_kernels if crf_kernels is not CRFKernels.auto else params.crf.kernels
+    if params.crf.backend is not CRFBackend.torch:
+        if crf_kernels is not CRFKernels.auto:
+            raise usage_error(f"--crf-kernels {crf_kernels.value} applies to the torch CRF backend (--crf-backend torch)",
+                              "--crf-kernels")
+        return params
+    from ..core.crf.fused import resolve_kernels  # imports torch: only for the torch backend
+
+    try:
+        kernels = resolve_kernels(kernels, device)
+    except ValueError as exc:
+        raise usage_error(str(exc), "--crf-kernels") from None
+    return params.replace(crf=dataclasses.replace(params.crf, kernels=kernels))
 
 
 # Long only by its signature: each Typer option is one declaration (the body is parse -> run ->
@@ -135,6 +151,7 @@ def refine_command(
     workers: Annotated[Optional[int], typer.Option("--workers", "-j", min=1, help="Worker processes: the CPU executor's, or the readers of --device cuda (default: all cores; a Dask cluster has its own).")] = None,
     device: Annotated[Device, typer.Option("--device", help="cpu: image by image in worker processes; cuda: the whole image on the GPU, in batches (torch CRF); auto: cuda if torch sees a GPU, else cpu.")] = Device.cpu,
     crf_backend: Annotated[CRFChoice, typer.Option("--crf-backend", help=f"DenseCRF implementation: pydensecrf (C++, CPU) or torch (ours, same model, CPU or GPU); auto: torch on cuda, {CPU_CRF_BACKEND.value} on cpu (the faster there, README).")] = CRFChoice.auto,
+    crf_kernels: Annotated[CRFKernels, typer.Option("--crf-kernels", help="How the torch CRF computes (the same marginals bit for bit): eager (torch operations) or triton (fused Triton kernels; on the CPU only under TRITON_INTERPRET=1, for checks); auto: triton on cuda when Triton imports, else eager. Recorded in the manifest (docs/performance.md).")] = CRFKernels.auto,
     batch_pixels: Annotated[int, typer.Option("--batch-pixels", min=1, help="With --device cuda: pixels per batch (sum of H x W); halved on out-of-memory.")] = BATCH_PIXELS,
     cluster: Annotated[Cluster, typer.Option("--cluster", help="Where the CPU workers run: local (processes on this machine) or dask (the workers of a Dask distributed cluster, with --scheduler).")] = Cluster.local,
     scheduler: Annotated[Optional[str], typer.Option("--scheduler", help="Address of the Dask scheduler for --cluster dask, e.g. tcp://10.0.0.5:8786.")] = None,
@@ -208,6 +225,7 @@ def refine_command(
     params = build_params(
         start=read_params_file(params_file) if params_file else None, row=row,
         switches={"ot": ot, "crf": crf, "uss": uss, "wss": wss}, crf_backend=crf_backend, device=the_device,
+        crf_kernels=crf_kernels,
         overrides={
             "ot.eps": eps, "ot.tol": ot_tol, "ot.max_iter": ot_max_iter, "gamma": gamma, "rho": rho,
             "tau": tau, "cap": cap, "marginal_rebalance": marginal, "marginal_init": marginal_init,

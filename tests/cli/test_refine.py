@@ -105,6 +105,38 @@ def test_manifest_records_parameters_inputs_and_counts(data, tmp_path):
     assert run["interrupted"] is False and run["error"] is None
 
 
+def test_triton_crf_kernels_give_the_eager_masks_and_share_their_fingerprint(data, tmp_path):
+    """``--crf-kernels triton`` on the CPU runs the fused kernels under Triton's interpreter
+    (tests/conftest.py sets TRITON_INTERPRET=1); 2 CRF iterations keep it quick."""
+    pytest.importorskip("triton", reason="Triton is in the test extra")
+    from dhr_label.core.crf.fused import TritonStatus, triton_status
+
+    if triton_status() is not TritonStatus.interpreted:
+        pytest.skip("this session compiles the Triton kernels for CUDA: they cannot run on CPU tensors")
+    common = ("--crf-backend", "torch", "--crf-iters", "2", "--limit", "2")
+    eager, fused = tmp_path / "eager", tmp_path / "triton"
+    assert run_refine(data, eager, *common, "--crf-kernels", "eager").exit_code == 0
+    result = run_refine(data, fused, *common, "--crf-kernels", "triton")
+    assert result.exit_code == 0, result.stderr
+    assert masks_in(fused).keys() == masks_in(eager).keys() == set(data.ids[:2])
+    for image_id in data.ids[:2]:
+        np.testing.assert_array_equal(np.asarray(Image.open(fused / f"{image_id}.png")),
+                                      np.asarray(Image.open(eager / f"{image_id}.png")))
+    assert last_run(fused)["engine"]["crf_kernels"] == "triton"
+    assert last_run(eager)["engine"]["crf_kernels"] == "eager"
+    assert read_json(fused / MANIFEST)["fingerprint_id"] == read_json(eager / MANIFEST)["fingerprint_id"]
+    again = run_refine(data, fused, *common, "--crf-kernels", "eager")  # same masks: kept, not refused
+    assert again.exit_code == 0, again.stderr
+    assert last_run(fused)["counts"]["skipped"] == 2
+
+
+def test_crf_kernels_apply_to_the_torch_backend_only(data, tmp_path):
+    result = run_refine(data, tmp_path / "masks", "--crf-backend", "pydensecrf", "--crf-kernels", "triton")
+    assert result.exit_code == 2
+    assert "--crf-kernels triton applies to the torch CRF backend" in result.stderr
+    assert not (tmp_path / "masks").exists()
+
+
 def test_json_summary_is_one_document_on_stdout(data, tmp_path):
     result = run_refine(data, tmp_path / "masks", "--json")
     assert result.exit_code == 0

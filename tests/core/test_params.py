@@ -4,19 +4,29 @@ import json
 
 import pytest
 
-from dhr_label.params import ABLATION_ROWS, CapMode, CRFBackend, CRFParams, DHRParams, Marginal, OTParams, Steps
+from dhr_label.params import ABLATION_ROWS, CapMode, CRFBackend, CRFKernels, CRFParams, DHRParams, Marginal, OTParams, Steps
 
 
 def test_defaults_are_algorithm_md():
     p = DHRParams()
     assert (p.ot.eps, p.ot.tol, p.ot.max_iter, p.ot.minmax_clip) == (0.1, 1e-5, 1000, 1e-5)
-    assert dataclasses.astuple(p.crf) == (10, 1.0, 3.0, 67.0, 3.0, 4.0, 1e-5, CRFBackend.pydensecrf)
+    assert dataclasses.astuple(p.crf) == (10, 1.0, 3.0, 67.0, 3.0, 4.0, 1e-5, CRFBackend.pydensecrf, CRFKernels.auto)
     assert (p.gamma, p.rho, p.tau) == (1.0, 0.5, 0.8)
     assert p.cap is CapMode.soft
     assert p.marginal_init is Marginal.uniform and p.marginal_rebalance is Marginal.area
     assert (p.marginal_floor, p.marginal_kl) == (0.03, 0.1)  # the floor: 0.01 until 0.3 (our measured change)
     assert (p.guard, p.guard_support, p.guard_max_share) == (0.5, 0.15, 1.0)  # ours
     assert p.steps == Steps() == ABLATION_ROWS[7]
+
+
+def test_crf_kernels_stay_out_of_the_recorded_parameters_but_survive_copies():
+    """How the torch CRF computes is not what decides a mask (the same marginals bit for bit):
+    manifests and fingerprints leave it out; copies of the parameters keep it."""
+    p = DHRParams(crf=CRFParams(backend=CRFBackend.torch, kernels="triton"))
+    assert "kernels" not in p.to_dict()["crf"] and p.to_dict()["crf"]["backend"] == "torch"
+    assert DHRParams.from_dict(p.to_dict()).crf.kernels is CRFKernels.auto
+    assert p.with_values({"tau": 0.5}).crf.kernels is CRFKernels.triton
+    assert p.with_values({"crf.kernels": "eager"}).crf.kernels is CRFKernels.eager
 
 
 def test_ablation_rows_match_table_6():

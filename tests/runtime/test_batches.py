@@ -36,6 +36,13 @@ def dataset(tmp_path_factory):
     return directory, ids, preset
 
 
+@pytest.fixture
+def usual(device) -> DHRParams:
+    """The default parameters with the CRF a run on ``device`` has: pydensecrf on the CPU, the torch
+    CRF on a GPU (whose machines may have no pydensecrf at all)."""
+    return DHRParams(crf=CRFParams(backend=CRFBackend.torch if device.type == "cuda" else CRFBackend.pydensecrf))
+
+
 def job_for(dataset, out: Path, params: DHRParams = DHRParams()) -> RefineJob:
     directory, _, preset = dataset
     out.mkdir(parents=True, exist_ok=True)
@@ -50,9 +57,12 @@ def on_device(job, ids, device, **options):
     return {r.image_id: r for r in run_batches(job, ids, device=device, **options)}
 
 
-@pytest.mark.parametrize("params", [DHRParams(), DHRParams(steps=Steps.row(4)), DHRParams(steps=Steps.row(1))], ids=["row7", "row4", "row1"])
-def test_batches_write_the_cpu_executors_masks(dataset, tmp_path, device, params):
-    _, ids, _ = dataset  # the pydensecrf CRF on both sides: the batched stages are the difference
+@pytest.mark.parametrize("steps", [Steps.row(7), Steps.row(4), Steps.row(1)], ids=["row7", "row4", "row1"])
+def test_batches_write_the_cpu_executors_masks(dataset, tmp_path, device, usual, steps):
+    # The same CRF on both sides, so the executors are the difference (on a GPU: the torch CRF on
+    # the CPU against the device's, which must agree bit for bit).
+    _, ids, _ = dataset
+    params = usual.replace(steps=steps)
     cpu = {r.image_id: r for r in run_images(job_for(dataset, tmp_path / "cpu", params), ids, workers=1)}
     dev = on_device(job_for(dataset, tmp_path / "dev", params), ids, device)
     assert sorted(dev) == sorted(ids) and all(r.status == DONE for r in dev.values()), [r.reason for r in dev.values()]
@@ -75,6 +85,7 @@ def test_masks_do_not_depend_on_readers_or_batch_size(dataset, tmp_path, device)
 
 
 def test_the_torch_crf_agrees_with_pydensecrf_end_to_end(dataset, tmp_path, device):
+    pytest.importorskip("pydensecrf")  # the reference: absent on a GPU box
     _, ids, _ = dataset
     on_device(job_for(dataset, tmp_path / "torch", DHRParams(crf=CRFParams(backend=CRFBackend.torch))), ids, device)
     list(run_images(job_for(dataset, tmp_path / "cpu"), ids, workers=1))
@@ -84,17 +95,17 @@ def test_the_torch_crf_agrees_with_pydensecrf_end_to_end(dataset, tmp_path, devi
     assert same / total >= AGREEMENT
 
 
-def test_a_bad_image_fails_alone_with_the_cpu_executors_reason(dataset, tmp_path, device):
+def test_a_bad_image_fails_alone_with_the_cpu_executors_reason(dataset, tmp_path, device, usual):
     _, ids, _ = dataset
     wanted = [ids[0], "no_such_image", ids[1]]
-    cpu = {r.image_id: r for r in run_images(job_for(dataset, tmp_path / "cpu"), wanted, workers=1)}
-    dev = on_device(job_for(dataset, tmp_path / "dev"), wanted, device)
+    cpu = {r.image_id: r for r in run_images(job_for(dataset, tmp_path / "cpu", usual), wanted, workers=1)}
+    dev = on_device(job_for(dataset, tmp_path / "dev", usual), wanted, device)
     assert dev["no_such_image"].status == FAILED and dev["no_such_image"].reason == cpu["no_such_image"].reason
     assert dev[ids[0]].status == dev[ids[1]].status == DONE
     assert not (tmp_path / "dev" / "no_such_image.png").exists()
 
 
-def test_an_image_the_device_cannot_take_fails_alone(dataset, tmp_path, device, monkeypatch):
+def test_an_image_the_device_cannot_take_fails_alone(dataset, tmp_path, device, usual, monkeypatch):
     _, ids, _ = dataset
     with CamsFile.open(dataset[0] / "cams.h5") as cams:
         bad_cam, _ = cams.read_cam(ids[2])
@@ -106,15 +117,15 @@ def test_an_image_the_device_cannot_take_fails_alone(dataset, tmp_path, device, 
         return real(states, params, **kwargs)
 
     monkeypatch.setattr(stages_module, "run_stages", failing)
-    results = on_device(job_for(dataset, tmp_path / "dev"), ids, device, batch_pixels=1 << 30)
+    results = on_device(job_for(dataset, tmp_path / "dev", usual), ids, device, batch_pixels=1 << 30)
     assert results[ids[2]].status == FAILED
     assert results[ids[2]].reason.startswith("internal error ValueError: device maths failed")
     assert all(results[i].status == DONE for i in ids if i != ids[2])
 
 
-def test_out_of_memory_halves_the_batch_and_changes_no_mask(dataset, tmp_path, device, monkeypatch):
+def test_out_of_memory_halves_the_batch_and_changes_no_mask(dataset, tmp_path, device, usual, monkeypatch):
     _, ids, _ = dataset
-    on_device(job_for(dataset, tmp_path / "plain"), ids, device, batch_pixels=1 << 30)
+    on_device(job_for(dataset, tmp_path / "plain", usual), ids, device, batch_pixels=1 << 30)
     real, sizes = stages_module.run_stages, []
 
     def small_memory(states, params, **kwargs):  # a device that holds two images at most
@@ -124,13 +135,13 @@ def test_out_of_memory_halves_the_batch_and_changes_no_mask(dataset, tmp_path, d
         return real(states, params, **kwargs)
 
     monkeypatch.setattr(stages_module, "run_stages", small_memory)
-    results = on_device(job_for(dataset, tmp_path / "halved"), ids, device, batch_pixels=1 << 30)
+    results = on_device(job_for(dataset, tmp_path / "halved", usual), ids, device, batch_pixels=1 << 30)
     assert all(r.status == DONE for r in results.values())
     assert sizes == [8, 4, 2, 2, 4, 2, 2]  # halved, down to what fits, each half in turn
     assert masks_in(tmp_path / "halved") == masks_in(tmp_path / "plain")
 
 
-def test_the_failed_batch_is_freed_before_the_retry(dataset, tmp_path, device, monkeypatch):
+def test_the_failed_batch_is_freed_before_the_retry(dataset, tmp_path, device, usual, monkeypatch):
     # A retry inside the handler of the error keeps the traceback, and with it the failed batch's
     # tensors: the device's memory is not given back and the halving cascades down to one image.
     _, ids, _ = dataset
@@ -145,7 +156,7 @@ def test_the_failed_batch_is_freed_before_the_retry(dataset, tmp_path, device, m
         return real(states, params, **kwargs)
 
     monkeypatch.setattr(stages_module, "run_stages", out_of_memory_once)
-    results = on_device(job_for(dataset, tmp_path / "dev"), ids, device, batch_pixels=1 << 30)
+    results = on_device(job_for(dataset, tmp_path / "dev", usual), ids, device, batch_pixels=1 << 30)
     assert len(failed_batch) == 1 + len(ids) and all(r.status == DONE for r in results.values())
     assert still_alive == [0, 0]  # both halves ran with nothing of the failed batch left
 
@@ -175,7 +186,7 @@ def test_a_lost_device_stops_the_run_with_one_message(dataset, tmp_path, device,
     assert manifest["runs"][-1]["status"] == "stopped" and "illegal memory access" in manifest["runs"][-1]["error"]
 
 
-def test_an_image_that_does_not_fit_alone_fails_alone(dataset, tmp_path, device, monkeypatch):
+def test_an_image_that_does_not_fit_alone_fails_alone(dataset, tmp_path, device, usual, monkeypatch):
     _, ids, _ = dataset
     real = stages_module.run_stages
     huge = ids[3]
@@ -188,16 +199,16 @@ def test_an_image_that_does_not_fit_alone_fails_alone(dataset, tmp_path, device,
         return real(states, params, **kwargs)
 
     monkeypatch.setattr(stages_module, "run_stages", tight)
-    results = on_device(job_for(dataset, tmp_path / "dev"), ids, device, batch_pixels=1 << 30)
+    results = on_device(job_for(dataset, tmp_path / "dev", usual), ids, device, batch_pixels=1 << 30)
     assert results[huge].status == FAILED
     assert "the device ran out of memory for this image alone" in results[huge].reason
     assert all(results[i].status == DONE for i in ids if i != huge)
 
 
-def test_closing_early_stops_the_work(dataset, tmp_path, device):
+def test_closing_early_stops_the_work(dataset, tmp_path, device, usual):
     _, ids, _ = dataset
     out = tmp_path / "dev"
-    run = run_batches(job_for(dataset, out), ids, device=device, readers=2, batch_pixels=1)
+    run = run_batches(job_for(dataset, out, usual), ids, device=device, readers=2, batch_pixels=1)
     first = next(run)
     run.close()
     written = masks_in(out)
@@ -205,9 +216,9 @@ def test_closing_early_stops_the_work(dataset, tmp_path, device):
     assert masks_in(out) == written and not any(p.name.endswith(".dhr-tmp") for p in out.iterdir())
 
 
-def test_mask_files_are_class_ids_of_the_image_size(dataset, tmp_path, device):
+def test_mask_files_are_class_ids_of_the_image_size(dataset, tmp_path, device, usual):
     _, ids, preset = dataset
-    on_device(job_for(dataset, tmp_path / "dev"), ids[:2], device)
+    on_device(job_for(dataset, tmp_path / "dev", usual), ids[:2], device)
     for image_id in ids[:2]:
         with Image.open(tmp_path / "dev" / f"{image_id}.png") as mask:
             assert mask.mode == "P" and np.asarray(mask).max() < preset.num_classes

@@ -198,8 +198,9 @@ class Lattice:
 
     Build it with :func:`build_lattice`; :meth:`filter` applies the (unnormalised)
     permutohedral Gaussian ``K`` to any number of value channels. Index tensors are int32
-    on CUDA (half the index traffic) and int64 on CPU (CPU ``index_select`` measured faster
-    with int64: 39 vs 56 ms for 518k rows of 11 floats).
+    on CUDA (half the index traffic) and int64 on CPU by default (CPU ``index_select``
+    measured faster with int64: 39 vs 56 ms for 518k rows of 11 floats); either works on
+    either device (``build_lattice(..., index_dtype=...)``).
 
     Attributes
     ----------
@@ -259,7 +260,9 @@ class Lattice:
         return permutohedral_filter(self, values, alpha_last=alpha_last, method=method, workspace=workspace)
 
 
-def build_lattice(features: torch.Tensor, image_index: torch.Tensor, *, code_limit: int = CODE_LIMIT) -> Lattice:
+def build_lattice(
+    features: torch.Tensor, image_index: torch.Tensor, *, code_limit: int = CODE_LIMIT, index_dtype: torch.dtype | None = None
+) -> Lattice:
     """Build the lattice of a batch of points (the pixels of one or more images).
 
     Parameters
@@ -272,6 +275,9 @@ def build_lattice(features: torch.Tensor, image_index: torch.Tensor, *, code_lim
     code_limit : int, optional
         Largest packed key code; beyond it the key components are re-ranked (large images
         with small sigmas). Tests lower it to exercise that path.
+    index_dtype : torch.int32 or torch.int64, optional
+        Dtype of the index tensors; default int32 on CUDA, int64 elsewhere (see
+        :class:`Lattice`). Tests take CUDA's int32 path on the CPU with it.
 
     Returns
     -------
@@ -282,6 +288,8 @@ def build_lattice(features: torch.Tensor, image_index: torch.Tensor, *, code_lim
         raise ValueError(f"features must be (P, d) float32, got {tuple(features.shape)} {features.dtype}")
     if image_index.shape != features.shape[:1]:
         raise ValueError(f"image_index must be ({features.shape[0]},), got {tuple(image_index.shape)}")
+    if index_dtype not in (None, torch.int32, torch.int64):
+        raise ValueError(f"index_dtype must be torch.int32 or torch.int64, got {index_dtype}")
     n, d = features.shape
     coords = simplex_coordinates(features)
     # Entry e = pixel * (d+1) + r, pydensecrf's splat order. Key = (image, d coordinates).
@@ -291,7 +299,7 @@ def build_lattice(features: torch.Tensor, image_index: torch.Tensor, *, code_lim
     points = _number_points(codes)
     # Index width: int32 halves the index traffic on CUDA; CPU index_select is faster with
     # int64 (measured: 39 vs 56 ms for 518k rows of 11 floats).
-    index = torch.int32 if features.device.type == "cuda" else torch.int64
+    index = index_dtype or (torch.int32 if features.device.type == "cuda" else torch.int64)
     zero = torch.zeros(1, dtype=torch.int64, device=features.device)
     blur = _blur_index(comps, packing, points, d)
     order = points.splat_order

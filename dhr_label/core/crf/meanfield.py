@@ -15,7 +15,9 @@ tests and ``benchmarks/crf_agreement.py`` check), on CPU and CUDA alike. The una
 the numpy wrapper's float32 ``log`` may differ in the last bit.
 
 Both lattices of a batch are built once, in :class:`BatchCRF`, and serve every call and
-iteration; no iteration synchronises with the host.
+iteration; no iteration synchronises with the host. With ``kernels="triton"`` the iterations
+run as fused Triton kernels (:mod:`.fused`) on lattices laid out for them, with the same
+marginals bit for bit.
 """
 from __future__ import annotations
 
@@ -24,7 +26,8 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from ...params import CRFParams
+from ...params import CRFKernels, CRFParams
+from .fused import FusedLattices, resolve_kernels
 from .lattice import Lattice, build_lattice
 from .softmax import SlotLayout, slot_layout, softmax_slots
 
@@ -85,6 +88,9 @@ class BatchCRF:
         Where to build and compute; default: the device of the first image (CPU for arrays).
     method : {"segments", "bags"}, optional
         The filter implementation (:mod:`.filtering`); default by device. Same result.
+    kernels : CRFKernels or str, optional
+        ``eager`` (torch operations), ``triton`` (fused kernels, :mod:`.fused`) or ``auto``
+        (triton on CUDA when Triton imports); default ``params.kernels``. Same result.
 
     Examples
     --------
@@ -96,7 +102,9 @@ class BatchCRF:
     [(2, 4, 5), (3, 3, 2)]
     """
 
-    def __init__(self, images: Sequence, params: CRFParams = _DEFAULT_PARAMS, *, device=None, method: str | None = None):
+    def __init__(
+        self, images: Sequence, params: CRFParams = _DEFAULT_PARAMS, *, device=None, method: str | None = None, kernels=None
+    ):
         if len(images) == 0:
             raise ValueError("expected at least one image, found an empty batch")
         checked = [_check_image(image, b) for b, image in enumerate(images)]
@@ -110,12 +118,17 @@ class BatchCRF:
             torch.arange(len(checked), device=self.device), torch.tensor(counts, device=self.device)
         )
         pixels = [im.to(self.device) for im in checked]
+        self.kernels = resolve_kernels(params.kernels if kernels is None else kernels, self.device)
+        self.weights = (-_f32(params.gauss_compat), -_f32(params.bilateral_compat))  # Potts: -w
+        if self.kernels is CRFKernels.triton:
+            self.fused, self.lattices, self.norms = FusedLattices(pixels, params), None, None
+            return
+        self.fused = None
         gauss = torch.cat([gaussian_features(h, w, params.gauss_sxy, device=self.device) for h, w in self.sizes])
         bilat = torch.cat([bilateral_features(im, params.bilateral_sxy, params.bilateral_srgb) for im in pixels])
         #: Gaussian (d = 2) and bilateral (d = 5) lattices, Gaussian first as pydensecrf adds it.
         self.lattices: tuple[Lattice, Lattice] = (build_lattice(gauss, image_index), build_lattice(bilat, image_index))
         self.norms = tuple(_normalisation(lattice, method) for lattice in self.lattices)
-        self.weights = (-_f32(params.gauss_compat), -_f32(params.bilateral_compat))  # Potts: -w
 
     def __len__(self) -> int:
         return len(self.sizes)
@@ -139,8 +152,14 @@ class BatchCRF:
         counts = [u.shape[0] for u in unaries]
         layout = slot_layout(counts)
         neg_unary, empty = self._to_slots(unaries, layout)
+        del unaries  # copied into the slots: free them before the iterations
         # pydensecrf's filter takes its 1-2 channel path (alpha applied last) for C <= 2.
         small = [c <= 2 for c in counts]
+        if self.fused is not None:
+            if empty is not None:  # -inf: no part in the maximum, exp exactly 0 (softmax_slots)
+                neg_unary.masked_fill_(empty, float("-inf"))
+            q = self.fused.mean_field(neg_unary, layout, small, self.params.iterations)
+            return self._from_slots(q, layout, counts)
         alpha_last = small[0] if len(set(small)) == 1 else self._per_pixel(small)
         q = mean_field(
             neg_unary, self.lattices, self.norms, self.weights, layout, empty, alpha_last,

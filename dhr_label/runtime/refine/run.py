@@ -253,9 +253,15 @@ def _about(r: RefineRequest, fid: str, foreign_left: int) -> dict:
                    "images": describe_file(r.images), "base": describe_file(r.base), "ids": describe_file(r.ids_file)},
         "selection": {"limit": r.limit, "shard": {"index": r.shard.index, "count": r.shard.count}},
         "engine": {"device": r.device, "executor": _executor(r), "cluster": r.cluster, "scheduler": r.scheduler,
-                   "crf_backend": r.params.crf.backend.value, "workers": r.workers},
+                   "crf_backend": r.params.crf.backend.value, "crf_kernels": _kernels(r.params), "workers": r.workers},
         "foreign_masks_left": foreign_left,
     }
+
+
+def _kernels(params: DHRParams) -> str | None:
+    """How the torch CRF computes (None for pydensecrf); ``auto`` when the caller left it to
+    the executor (the command line resolves it per device)."""
+    return params.crf.kernels.value if params.crf.backend is CRFBackend.torch else None
 
 
 def _executor(r: RefineRequest) -> str:

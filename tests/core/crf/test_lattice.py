@@ -34,15 +34,6 @@ IMPULSE_CENTROID_ATOL = 0.05
 WEIGHT_ATOL = 0
 
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: intra-op threads only add synchronisation (and stall on a busy CI box)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 def _image(height, width, seed):
     gen = torch.Generator().manual_seed(seed)
     return torch.randint(0, 256, (height, width, 3), generator=gen, dtype=torch.uint8)
@@ -238,6 +229,28 @@ def test_both_filter_methods_and_repeated_runs_are_bit_identical(device):
     assert not torch.equal(part[mixed], first[mixed])  # the two slicing orders do differ
 
 
+@pytest.mark.parametrize("index_dtype", [torch.int32, torch.int64])
+def test_both_index_widths_filter_bit_identically_with_both_methods(device, index_dtype):
+    """CUDA builds int32 indices and filters by segments; the CPU int64 and bags. Either width
+    with either method gives the same result (so the CUDA path is exercised here too)."""
+    _, features, index = _batch(device)
+    gen = torch.Generator().manual_seed(6)
+    values = torch.rand(features.shape[0], 5, generator=gen).to(device)
+    lattice = build_lattice(features, index, index_dtype=index_dtype)
+    assert lattice.slice_index.dtype == lattice.blur_index.dtype == lattice.splat_pixel.dtype == index_dtype
+    reference = build_lattice(features, index, index_dtype=torch.int64).filter(values, method="bags")
+    for method in ("segments", "bags"):
+        assert torch.equal(lattice.filter(values, method=method), reference), method
+        assert torch.equal(lattice.filter(values, alpha_last=True, method=method),
+                           build_lattice(features, index).filter(values, alpha_last=True, method="bags")), method
+
+
+def test_default_index_width_is_int32_on_cuda_only(device):
+    _, features, index = _batch(device)
+    expected = torch.int32 if device.type == "cuda" else torch.int64
+    assert build_lattice(features, index).slice_index.dtype == expected
+
+
 def test_reranked_packing_builds_the_same_lattice(device):
     """Keys too wide for one int64 (large images, small sigmas) are re-ranked: same lattice."""
     _, features, index = _batch(device)
@@ -253,6 +266,8 @@ def test_invalid_inputs_are_refused(device):
         build_lattice(features.double(), _zeros_index(10, device))
     with pytest.raises(ValueError, match=r"image_index must be \(10,\)"):
         build_lattice(features, _zeros_index(9, device))
+    with pytest.raises(ValueError, match="index_dtype must be torch.int32 or torch.int64"):
+        build_lattice(features, _zeros_index(10, device), index_dtype=torch.int16)
     lattice = build_lattice(features, _zeros_index(10, device))
     with pytest.raises(ValueError, match=r"values must be \(10, L\) float32"):
         lattice.filter(torch.zeros(9, 2, device=device))
