@@ -78,12 +78,12 @@ def record_calls(data: Path, count: int, params: DHRParams, crop: tuple[int, int
 
 def references(calls: list[dict], params: CRFParams) -> list[dict]:
     """pydensecrf's argmax, and the torch CRF's marginals (hash), for every quantised call."""
-    from crf_agreement import RecordingCRF
+    from dhr_label.core.crf.pydense import PydenseCRF  # pydensecrf: here, where the references are made
 
     out = []
     for i, call in enumerate(calls):
         probs = dequantise(call["codes"])
-        ref = RecordingCRF(call["image"], params).marginals(probs)
+        ref = PydenseCRF(call["image"], params).marginals(probs)
         q = BatchCRF([torch.from_numpy(call["image"])], params, kernels="eager").marginals([torch.from_numpy(probs)])[0].numpy()
         same_unary = pydensecrf_on_unary(call["image"], torch_unary(probs, params), params)
         call["argmax"] = ref.argmax(axis=0).astype(np.uint8)
