@@ -155,9 +155,8 @@ def test_the_summary_says_why_images_were_not_pooled(tmp_path):
     assert (record["images"], record["skipped"], record["unreadable"]) == (2, 2, 1)
 
 
-@pytest.mark.filterwarnings("ignore::dhr_label.core.ot.OTConvergenceWarning")  # tiny scenes; the CLI notes them alike
 def test_the_api_gives_the_clis_masks_given_the_same_prototypes(data, pooled):
-    # The README's promise: dhr_label.refine equals refine's masks when it gets the prototypes the
+    # The README's promise: dhr_label.refine_image equals refine's masks when it gets the prototypes the
     # command line pooled (from every base mask of the cams file) and its parameters.
     from PIL import Image
     from threadpoolctl import threadpool_limits
@@ -172,5 +171,5 @@ def test_the_api_gives_the_clis_masks_given_the_same_prototypes(data, pooled):
         for image_id in data.ids[:4]:
             i = load_inputs(image_id, cams, feats, uss=True, wss=True)
             state = dhr_label.refine_image(i.cam, i.labels, image=i.image, base=i.base, uss=i.uss, wss=i.wss,
-                                     background=data.background, params=params, prototypes=prototypes)
+                                           background=data.background, params=params, prototypes=prototypes)
             np.testing.assert_array_equal(state.mask, np.asarray(Image.open(out / f"{image_id}.png")), err_msg=image_id)
