@@ -25,13 +25,10 @@ in a batch and from run to run.
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import torch
 import torch.nn.functional as F
 
-if TYPE_CHECKING:  # lattice.py imports this module
-    from .lattice import Lattice
+from .lattice import Lattice
 
 __all__ = ["permutohedral_filter"]
 

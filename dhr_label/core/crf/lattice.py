@@ -32,16 +32,12 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .filtering import permutohedral_filter
+from .floats import f32
 
 __all__ = ["Lattice", "SimplexCoordinates", "build_lattice", "simplex_coordinates"]
 
 #: Largest packed code allowed before the key components are re-ranked (int64 headroom).
 CODE_LIMIT = 2**62
-
-
-def _f32(value) -> float:
-    return float(np.float32(value))
 
 
 def scale_factors(d: int) -> list[float]:
@@ -50,8 +46,8 @@ def scale_factors(d: int) -> list[float]:
     pydensecrf computes ``1.0 / sqrt((i+2)(i+1)) * inv_std_dev`` in double with a float
     ``inv_std_dev = sqrt(2/3) (d+1)`` and stores the product as float.
     """
-    inv_std_dev = _f32(math.sqrt(2.0 / 3.0) * (d + 1))
-    return [_f32(1.0 / math.sqrt((i + 2) * (i + 1)) * inv_std_dev) for i in range(d)]
+    inv_std_dev = f32(math.sqrt(2.0 / 3.0) * (d + 1))
+    return [f32(1.0 / math.sqrt((i + 2) * (i + 1)) * inv_std_dev) for i in range(d)]
 
 
 def slice_alpha(d: int) -> float:
@@ -196,8 +192,8 @@ def _packing(comps: torch.Tensor, margin: list[int], code_limit: int) -> tuple[_
 class Lattice:
     """A built lattice: the gather indices and weights of splat, blur and slice.
 
-    Build it with :func:`build_lattice`; :meth:`filter` applies the (unnormalised)
-    permutohedral Gaussian ``K`` to any number of value channels. Index tensors are int32
+    Build it with :func:`build_lattice`; :func:`.filtering.permutohedral_filter` applies the
+    (unnormalised) permutohedral Gaussian ``K`` to any number of value channels. Index tensors are int32
     on CUDA (half the index traffic) and int64 on CPU by default (CPU ``index_select``
     measured faster with int64: 39 vs 56 ms for 518k rows of 11 floats); either works on
     either device (``build_lattice(..., index_dtype=...)``).
@@ -248,16 +244,6 @@ class Lattice:
     def device(self) -> torch.device:
         return self.slice_weight.device
 
-    def filter(
-        self,
-        values: torch.Tensor,
-        *,
-        alpha_last: bool | torch.Tensor = False,
-        method: str | None = None,
-        workspace: dict | None = None,
-    ) -> torch.Tensor:
-        """``K values``: splat, blur, slice (see :func:`.filtering.permutohedral_filter`)."""
-        return permutohedral_filter(self, values, alpha_last=alpha_last, method=method, workspace=workspace)
 
 
 def build_lattice(

@@ -27,6 +27,8 @@ import numpy as np
 import torch
 
 from ...params import CRFKernels, CRFParams
+from .filtering import permutohedral_filter
+from .floats import f32
 from .fused import FusedLattices, resolve_kernels
 from .lattice import Lattice, build_lattice
 from .softmax import SlotLayout, slot_layout, softmax_slots
@@ -34,10 +36,6 @@ from .softmax import SlotLayout, slot_layout, softmax_slots
 __all__ = ["BatchCRF", "dense_crf"]
 
 _DEFAULT_PARAMS = CRFParams()  # frozen: safe to share as a default
-
-
-def _f32(value: float) -> float:
-    return float(np.float32(value))
 
 
 def _pixel_grid(height: int, width: int, device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -50,7 +48,7 @@ def _pixel_grid(height: int, width: int, device) -> tuple[torch.Tensor, torch.Te
 def gaussian_features(height: int, width: int, sxy: float, *, device=None) -> torch.Tensor:
     """``(x / sxy, y / sxy)`` per pixel (``DenseCRF2D::addPairwiseGaussian``): [H W, 2] float32."""
     x, y = _pixel_grid(height, width, device)
-    s = _f32(sxy)
+    s = f32(sxy)
     return torch.stack([x / s, y / s], dim=1)
 
 
@@ -61,7 +59,7 @@ def bilateral_features(image: torch.Tensor, sxy: float, srgb: float) -> torch.Te
     """
     height, width = image.shape[:2]
     x, y = _pixel_grid(height, width, image.device)
-    s, c = _f32(sxy), _f32(srgb)
+    s, c = f32(sxy), f32(srgb)
     rgb = image.reshape(-1, 3).to(torch.float32) / c
     return torch.cat([torch.stack([x / s, y / s], dim=1), rgb], dim=1)
 
@@ -119,7 +117,7 @@ class BatchCRF:
         )
         pixels = [im.to(self.device) for im in checked]
         self.kernels = resolve_kernels(params.kernels if kernels is None else kernels, self.device)
-        self.weights = (-_f32(params.gauss_compat), -_f32(params.bilateral_compat))  # Potts: -w
+        self.weights = (-f32(params.gauss_compat), -f32(params.bilateral_compat))  # Potts: -w
         if self.kernels is CRFKernels.triton:
             self.fused, self.lattices, self.norms = FusedLattices(pixels, params), None, None
             return
@@ -176,7 +174,7 @@ class BatchCRF:
         """``-log(max(p, clip))`` per image, [C_b, H_b W_b] float32, validated."""
         if len(probs) != len(self.sizes):
             raise ValueError(f"expected channel values for {len(self.sizes)} images, found {len(probs)}")
-        clip = _f32(self.params.unary_clip)
+        clip = f32(self.params.unary_clip)
         out = []
         for b, (p, (h, w)) in enumerate(zip(probs, self.sizes)):
             if not isinstance(p, torch.Tensor):
@@ -222,7 +220,7 @@ def _normalisation(lattice: Lattice, method: str | None = None) -> torch.Tensor:
     """``1 / sqrt(K(1) + 1e-20)`` per pixel, as pydensecrf: K(1) by its 1-channel path,
     then in double (``1.0 / sqrt(norm + 1e-20)``), stored as float32. [P] float32."""
     ones = torch.ones(lattice.n_pixels, 1, dtype=torch.float32, device=lattice.device)
-    k1 = lattice.filter(ones, alpha_last=True, method=method)[:, 0]
+    k1 = permutohedral_filter(lattice, ones, alpha_last=True, method=method)[:, 0]
     return (1.0 / torch.sqrt(k1.double() + 1e-20)).to(torch.float32)
 
 
@@ -264,7 +262,7 @@ def mean_field(
         t = neg_unary
         for lattice, norm, weight, space in zip(lattices, norms, weights, workspaces):
             n = norm[:, None]
-            message = lattice.filter(q * n, alpha_last=alpha_last, method=method, workspace=space) * n  # n K(n Q)
+            message = permutohedral_filter(lattice, q * n, alpha_last=alpha_last, method=method, workspace=space) * n  # n K(n Q)
             t = t - message * weight  # Potts: out = -w * out; tmp1 -= out
         q = softmax_slots(t, layout, empty)
     return q

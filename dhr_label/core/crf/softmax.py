@@ -26,20 +26,17 @@ from functools import cache
 import numpy as np
 import torch
 
+from .floats import f32
+
 __all__ = ["SlotLayout", "eigen_pexp", "glibc_expf", "slot_layout", "softmax_slots"]
 
 
-def _f32(value: float) -> float:
-    """``value`` rounded to float32, as a Python float (a C ``...f`` literal)."""
-    return float(np.float32(value))
-
-
 # Eigen 3.3.9 arch/SSE/MathFunctions.h, pexp<Packet4f>: Cephes constants as float literals.
-_EXP_HI, _EXP_LO = _f32(88.3762626647950), _f32(-88.3762626647949)
-_LOG2EF = _f32(1.44269504088896341)
-_C1, _C2 = _f32(0.693359375), _f32(-2.12194440e-4)
+_EXP_HI, _EXP_LO = f32(88.3762626647950), f32(-88.3762626647949)
+_LOG2EF = f32(1.44269504088896341)
+_C1, _C2 = f32(0.693359375), f32(-2.12194440e-4)
 _P = tuple(
-    _f32(p) for p in (1.9875691500e-4, 1.3981999507e-3, 8.3334519073e-3, 4.1665795894e-2, 1.6666665459e-1, 5.0000001201e-1)
+    f32(p) for p in (1.9875691500e-4, 1.3981999507e-3, 8.3334519073e-3, 4.1665795894e-2, 1.6666665459e-1, 5.0000001201e-1)
 )
 
 # glibc 2.28+ sysdeps/ieee754/flt-32/e_expf.c with e_exp2f_data.c (N = 32, poly order 3).

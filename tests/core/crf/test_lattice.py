@@ -136,9 +136,9 @@ def test_constant_field_filters_to_the_constant_after_normalisation(device, kind
     features = gaussian_features(h, w, 3.0, device=device) if kind == "gaussian" else bilateral_features(image, 10.0, 13.0)
     lattice = build_lattice(features, _zeros_index(h * w, device))
     ones = torch.ones(h * w, 1, device=device)
-    k1 = lattice.filter(ones)
+    k1 = permutohedral_filter(lattice, ones)
     constants = torch.tensor([[0.37, 0.25, 3.3, 1e-3]], device=device)
-    ratio = lattice.filter(ones * constants) / k1
+    ratio = permutohedral_filter(lattice, ones * constants) / k1
     torch.testing.assert_close(ratio, constants.expand_as(ratio), rtol=CONSTANT_RTOL, atol=0)
     assert torch.equal(ratio[:, 1], torch.full_like(ratio[:, 1], 0.25))  # powers of two: exact
 
@@ -151,8 +151,8 @@ def test_filter_is_symmetric(device, kind, rtol):
     lattice = build_lattice(features, _zeros_index(h * w, device))
     gen = torch.Generator().manual_seed(2)
     a, b = (torch.rand(h * w, 3, generator=gen).to(device) for _ in range(2))
-    left = (a.double() * lattice.filter(b).double()).sum(dim=0)
-    right = (lattice.filter(a).double() * b.double()).sum(dim=0)
+    left = (a.double() * permutohedral_filter(lattice, b).double()).sum(dim=0)
+    right = (permutohedral_filter(lattice, a).double() * b.double()).sum(dim=0)
     assert ((left - right).abs() / left).max().item() <= rtol
 
 
@@ -163,7 +163,7 @@ def test_impulse_response_is_close_to_the_gaussian(device, sigma, centre):
     impulse = torch.zeros(size * size, 1, device=device)
     cy, cx = centre
     impulse[cy * size + cx] = 1.0
-    response = lattice.filter(impulse)[:, 0].view(size, size).double().cpu()
+    response = permutohedral_filter(lattice, impulse)[:, 0].view(size, size).double().cpu()
     yy, xx = torch.meshgrid(torch.arange(size).double(), torch.arange(size).double(), indexing="ij")
     r2 = (yy - cy) ** 2 + (xx - cx) ** 2
     exact = torch.exp(-r2 / (2 * sigma**2))
@@ -202,12 +202,12 @@ def test_images_of_a_batch_never_mix_and_match_their_own_lattice(device):
     batch = build_lattice(features, index)
     gen = torch.Generator().manual_seed(4)
     values = torch.rand(features.shape[0], 3, generator=gen).to(device)
-    filtered = batch.filter(values)
+    filtered = permutohedral_filter(batch, values)
     start, points = 0, 0
     for b, image in enumerate(images):
         n = image.shape[0] * image.shape[1]
         alone = build_lattice(features[start : start + n], _zeros_index(n, device))
-        assert torch.equal(filtered[start : start + n], alone.filter(values[start : start + n]))  # bit for bit
+        assert torch.equal(filtered[start : start + n], permutohedral_filter(alone, values[start : start + n]))  # bit for bit
         points += alone.n_points
         start += n
     assert batch.n_points == points
@@ -220,11 +220,11 @@ def test_both_filter_methods_and_repeated_runs_are_bit_identical(device):
     lattice = build_lattice(features, index)
     first = permutohedral_filter(lattice, values, method="segments")
     assert torch.equal(first, permutohedral_filter(lattice, values, method="bags"))
-    assert torch.equal(first, build_lattice(features, index).filter(values, method="segments"))
+    assert torch.equal(first, permutohedral_filter(build_lattice(features, index), values, method="segments"))
     mixed = torch.arange(features.shape[0], device=device) % 3 == 0
     part = permutohedral_filter(lattice, values, alpha_last=mixed, method="bags")
     assert torch.equal(part, permutohedral_filter(lattice, values, alpha_last=mixed, method="segments"))
-    assert torch.equal(part[mixed], lattice.filter(values, alpha_last=True)[mixed])
+    assert torch.equal(part[mixed], permutohedral_filter(lattice, values, alpha_last=True)[mixed])
     assert torch.equal(part[~mixed], first[~mixed])
     assert not torch.equal(part[mixed], first[mixed])  # the two slicing orders do differ
 
@@ -238,11 +238,11 @@ def test_both_index_widths_filter_bit_identically_with_both_methods(device, inde
     values = torch.rand(features.shape[0], 5, generator=gen).to(device)
     lattice = build_lattice(features, index, index_dtype=index_dtype)
     assert lattice.slice_index.dtype == lattice.blur_index.dtype == lattice.splat_pixel.dtype == index_dtype
-    reference = build_lattice(features, index, index_dtype=torch.int64).filter(values, method="bags")
+    reference = permutohedral_filter(build_lattice(features, index, index_dtype=torch.int64), values, method="bags")
     for method in ("segments", "bags"):
-        assert torch.equal(lattice.filter(values, method=method), reference), method
-        assert torch.equal(lattice.filter(values, alpha_last=True, method=method),
-                           build_lattice(features, index).filter(values, alpha_last=True, method="bags")), method
+        assert torch.equal(permutohedral_filter(lattice, values, method=method), reference), method
+        assert torch.equal(permutohedral_filter(lattice, values, alpha_last=True, method=method),
+                           permutohedral_filter(build_lattice(features, index), values, alpha_last=True, method="bags")), method
 
 
 def test_default_index_width_is_int32_on_cuda_only(device):
@@ -270,9 +270,9 @@ def test_invalid_inputs_are_refused(device):
         build_lattice(features, _zeros_index(10, device), index_dtype=torch.int16)
     lattice = build_lattice(features, _zeros_index(10, device))
     with pytest.raises(ValueError, match=r"values must be \(10, L\) float32"):
-        lattice.filter(torch.zeros(9, 2, device=device))
+        permutohedral_filter(lattice, torch.zeros(9, 2, device=device))
     with pytest.raises(ValueError, match="method must be one of"):
-        lattice.filter(torch.zeros(10, 2, device=device), method="atomic")
+        permutohedral_filter(lattice, torch.zeros(10, 2, device=device), method="atomic")
 
 
 @pytest.mark.slow
@@ -282,5 +282,5 @@ def test_cityscapes_size_with_unit_sigma_builds(device):
     image = _image(h, w, 7).to(device)
     lattice = build_lattice(bilateral_features(image, 1.0, 3.0), _zeros_index(h * w, device))
     assert lattice.n_points > h * w
-    out = lattice.filter(torch.ones(h * w, 1, device=device), alpha_last=True)
+    out = permutohedral_filter(lattice, torch.ones(h * w, 1, device=device), alpha_last=True)
     assert bool(torch.isfinite(out).all()) and float(out.min()) > 0
