@@ -147,8 +147,8 @@ def final_mask(states: list[ImageState], params: DHRParams, crfs: ImageCRFs | No
     Fills ``mask`` (M_dh) and ``confidence`` (the CRF's maximum marginal per pixel; None without
     a CRF).
     """
-    ups = [resize(s.heat, s.size) for s in states]
-    marginals = crfs.marginals([up.to(torch.float32) for up in ups]) if crfs is not None else None
+    ups = [resize(s.heat.to(torch.float32), s.size) for s in states]  # float32, as the CRF takes it (seed.seed_channels)
+    marginals = crfs.marginals(ups) if crfs is not None else None
     for b, (s, up) in enumerate(zip(states, ups)):
         classes = torch.as_tensor(s.classes, device=up.device)
         confidence, winner = (marginals[b].max(dim=0) if marginals is not None else (None, up.argmax(dim=0)))

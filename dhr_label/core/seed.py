@@ -40,6 +40,8 @@ def seed_channels(
 
     The scores upsampled to the image (bilinear), after ``bg_score = (1 - max_k A_k) ** gamma``
     (CLIP-ES) when the dataset has a background: C x H x W float32 and C class ids (int64).
+    float32 from the upsampling on: every value is local to a pixel (no sum over a padded
+    axis), and it is what the CRF takes; image-sized float64 maps would double the memory.
 
     Examples
     --------
@@ -47,13 +49,13 @@ def seed_channels(
     >>> probs.tolist(), ids.tolist()
     ([[[0.75, 0.75]], [[0.25, 0.25]]], [0, 3])
     """
-    up = resize(scores, size)
+    up = resize(scores.to(torch.float32), size)
     ids = torch.as_tensor(labels, device=scores.device)
     if background is not None:
         bg = (1.0 - up.amax(dim=0, keepdim=True)).clamp(0.0, 1.0) ** gamma
         up = torch.cat([bg, up])
         ids = torch.cat([torch.as_tensor([background], device=scores.device), ids])
-    return up.to(torch.float32), ids
+    return up, ids
 
 
 def seed_mask(states: list[ImageState], params: DHRParams, crfs: ImageCRFs | None) -> None:
