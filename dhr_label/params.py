@@ -167,6 +167,17 @@ class DHRParams:
     # Ours: in full DHR (USS and WSS on), Step 2's heat maps become (1 - w) * S_us + w * S_ws,
     # min-max again, before the Step-3 groups; 0 = the paper (WSS only inside the groups).
     wss_heat_weight: float = 0.5
+    # Ours (0.5, docs/algorithm.md, "Where a class's centroid comes from"): every Step 2/3 CAP
+    # pools a class over M_init's cell fractions f times the class's posterior over Gamma at the
+    # cell, (f + prior) * softmax(cos(x, c) / T) with c the image's (blended) USS centroids: the
+    # cells of a coarse M_init blob that look like a neighbour leave the class's centroid.
+    # 0 = M_init's fractions alone (the paper, 0.4). Only with USS on (its grid, its centroids).
+    support_temperature: float = 0.05
+    support_prior: float = 0.1
+    # Ours (0.5): Steps 3.3-3.4 run 1 + size_passes times, the ``area`` marginal counted on
+    # M_init, then on the previous pass's answer (the argmax of its upsampled H): M_init's class
+    # sizes are off by large factors on small classes. 0 = M_init's counts only (the paper, 0.4).
+    size_passes: int = 2
 
     def __post_init__(self) -> None:
         _coerce_enums(self)
@@ -200,10 +211,27 @@ class DHRParams:
             problems.append(f"prototype weight must be in [0, 1], got {self.prototype_weight}")
         if not 0.0 <= self.wss_heat_weight <= 1.0:
             problems.append(f"WSS heat weight must be in [0, 1], got {self.wss_heat_weight}")
+        if not self.support_temperature >= 0.0:
+            problems.append(f"support temperature must be >= 0 (0 = off), got {self.support_temperature}")
+        if not self.support_prior >= 0.0:
+            problems.append(f"support prior must be >= 0, got {self.support_prior}")
+        if isinstance(self.size_passes, bool) or not isinstance(self.size_passes, int) or self.size_passes < 0:
+            problems.append(f"size passes must be an integer >= 0, got {self.size_passes!r}")
         if self.crf.iterations < 0:
             problems.append(f"CRF iterations must be >= 0, got {self.crf.iterations}")
         if problems:
             raise ValueError("; ".join(problems))
+
+    @property
+    def weighs_support(self) -> bool:
+        """Whether Steps 2-3's CAP support is weighted by the class posterior (ours, USS on)."""
+        return self.steps.uss and self.support_temperature > 0
+
+    @property
+    def size_pass_count(self) -> int:
+        """Extra passes of Steps 3.3-3.4 that count the area marginal on the previous answer
+        (none unless that marginal is ``area``: the others do not count pixels)."""
+        return self.size_passes if self.marginal_rebalance is Marginal.area else 0
 
     @property
     def uses_prototypes(self) -> bool:
@@ -264,6 +292,12 @@ class DHRParams:
         mine, theirs = _flatten(self.to_dict()), _flatten(other.to_dict())
         return [f"{key}: {mine.get(key)} -> {theirs.get(key)}" for key in sorted(set(mine) | set(theirs))
                 if mine.get(key) != theirs.get(key)]
+
+
+#: Our additions to Steps 2-3 switched off, the paper's values (docs/algorithm.md, "Our additions
+#: to Steps 2-3"): ``DHRParams().replace(**PAPER_STEPS_2_3)``; on the command line
+#: ``--prototype-weight 0 --wss-heat-weight 0 --guard 0 --support-temperature 0 --size-passes 0``.
+PAPER_STEPS_2_3 = {"prototype_weight": 0.0, "wss_heat_weight": 0.0, "guard": 0.0, "support_temperature": 0.0, "size_passes": 0}
 
 
 def _coerce_enums(instance) -> None:

@@ -191,6 +191,9 @@ def refine_command(
     prototype_weight: Annotated[Optional[float], typer.Option("--prototype-weight", help=f"Ours: blend dataset-level class prototypes into the Step 2/3 centroids with this weight (rows 5 and 7); they are pooled from the base masks of every image of the cams file before the run (no CRF) and saved in OUT, or read from --prototypes; 0 = the paper's per-image centroids (docs/algorithm.md) [default: {_D.prototype_weight}].", show_default=False)] = None,
     prototypes_file: Annotated[Optional[Path], typer.Option("--prototypes", metavar="<file>", help="Class prototypes to use instead of pooling them: the dhr-label-prototypes.npz of an earlier run (another shard, a train split).", exists=True, dir_okay=False)] = None,
     wss_heat_weight: Annotated[Optional[float], typer.Option("--wss-heat-weight", help=f"Ours: in full DHR, Step 2's heat maps become (1 - w) USS + w WSS maps; 0 = the paper (WSS maps only inside Step-3 groups) [default: {_D.wss_heat_weight}].", show_default=False)] = None,
+    support_temperature: Annotated[Optional[float], typer.Option("--support-temperature", help=f"Ours: each class's Step 2/3 centroid pools M_init's cells weighted by the class's posterior over the image's classes, the softmax of the cells' USS cosines to the centroids over this temperature; 0 = M_init's cells alone, the paper (docs/algorithm.md) [default: {_D.support_temperature}].", show_default=False)] = None,
+    support_prior: Annotated[Optional[float], typer.Option("--support-prior", help=f"Ours: with --support-temperature, added to M_init's cell fractions before the posterior, so that cells outside a class's M_init region count a little where they look like it [default: {_D.support_prior}].", show_default=False)] = None,
+    size_passes: Annotated[Optional[int], typer.Option("--size-passes", help=f"Ours: Step 3's OT calls run again this many times with the class sizes (area marginal) of the previous answer instead of M_init's; 0 = M_init's, the paper [default: {_D.size_passes}].", show_default=False)] = None,
     ignore_below: Annotated[Optional[float], typer.Option("--ignore-below", help=f"Ours: label 255 (ignore) where the final DenseCRF's maximum marginal is below P (trainers skip 255); 0 = off [default: {_D.ignore_below}].", show_default=False)] = None,
 ) -> None:
     """Refine the pseudo-masks of every image with DHR and write <out>/<id>.png.
@@ -235,6 +238,7 @@ def refine_command(
             "crf.bilateral_compat": crf_bi_compat, "guard": guard, "guard_max_share": guard_max_share,
             "guard_support": guard_support,
             "ignore_below": ignore_below, "prototype_weight": prototype_weight, "wss_heat_weight": wss_heat_weight,
+            "support_temperature": support_temperature, "support_prior": support_prior, "size_passes": size_passes,
         },
     )
     if params.steps.needs_features and feats is None:

@@ -157,12 +157,63 @@ def heat_maps(features, weights, *, clip: float = OTParams.minmax_clip, prototyp
         Zero for a class without any weight (no centroid) and no prototype.
     centroids : tensor, shape (B, G, D)
     """
+    centroids, present = blended_centroids(features, weights, prototypes, weight)
+    maps = minmax(cosine_maps(features, centroids, weights.shape[-2:]), -1, clip)
+    return torch.where(present[..., None], maps, 0.0), centroids
+
+
+def blended_centroids(features, weights, prototypes=None, weight: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`class_centroids`, blended with ``prototypes`` at ``weight`` when given
+    (:func:`blend_centroids`); ``present``: whether a class has a centroid at all."""
     centroids, present = class_centroids(features, weights)
     if prototypes is not None and weight > 0:
         centroids = blend_centroids(centroids, present, prototypes, weight)
         present = centroids.square().sum(dim=-1) > 0
-    maps = minmax(cosine_maps(features, centroids, weights.shape[-2:]), -1, clip)
-    return torch.where(present[..., None], maps, 0.0), centroids
+    return centroids, present
+
+
+def posterior_support(features, weights, real, *, temperature: float, prior: float, prototypes=None, weight: float = 0.0):
+    """CAP weights that keep a class's centroid on the cells that look like it (ours, 0.5).
+
+    ``(weights + prior) * P(k | x_n)``: the class's cell fractions (M_init's), plus ``prior``
+    so that a cell outside the class's region counts a little where it looks like the class,
+    times the class's posterior at the cell, the softmax over the image's classes of the cosines
+    of the cell to their (blended) centroids over ``temperature``. The cells of a coarse M_init
+    blob that look like a neighbour leave the class's centroid.
+
+    Parameters
+    ----------
+    features : tensor, shape (B, D, h, w)
+        The USS maps, on their own grid.
+    weights : tensor, shape (B, G, H, W)
+        From :func:`cell_fractions` on the (H, W) grid of Steps 2-3.
+    real : bool tensor, shape (B, G)
+        The image's class slots (padding takes no posterior).
+    temperature : float > 0
+        Of the softmax over cosines in [-1, 1]: 0.05 sharpens a cosine gap of 0.1 to e^2.
+    prior : float >= 0
+    prototypes, weight
+        As in :func:`heat_maps`: the centroids the posterior compares with.
+
+    Returns
+    -------
+    tensor, shape (B, G, H * W)
+        Zero on padded class slots; the caller zeroes padded cells.
+
+    Examples
+    --------
+    Two cells, two classes, the first cell half of each: it goes to the class it looks like.
+
+    >>> features = torch.tensor([[[[1.0, 0.0]], [[0.0, 1.0]]]], dtype=torch.float64)
+    >>> weights = torch.tensor([[[[0.5, 0.0]], [[0.5, 1.0]]]], dtype=torch.float64)
+    >>> w = posterior_support(features, weights, torch.tensor([[True, True]]), temperature=0.05, prior=0.0)
+    >>> [round(v, 3) for v in w[0, :, 0].tolist()]
+    [0.5, 0.0]
+    """
+    centroids, _ = blended_centroids(features, weights, prototypes, weight)
+    scores = cosine_maps(features, centroids, weights.shape[-2:]) / temperature
+    posterior = torch.softmax(torch.where(real[..., None], scores, -torch.inf), dim=1)
+    return torch.where(real[..., None], (weights.flatten(2) + prior) * posterior, 0.0)
 
 
 def blend_centroids(local: torch.Tensor, present: torch.Tensor, prototypes: torch.Tensor, weight: float) -> torch.Tensor:

@@ -214,12 +214,16 @@ def seed_transport(state: ImageState, params: DHRParams) -> Transport | None:
     return Transport(np.arange(len(state.labels)), marginal, kl)
 
 
-def rebalance_transports(state: ImageState, groups: list[list[int]], params: DHRParams) -> tuple[list[Transport], Transport]:
+def rebalance_transports(
+    state: ImageState, groups: list[list[int]], params: DHRParams, sizes: np.ndarray | None = None
+) -> tuple[list[Transport], Transport]:
     """The OT calls of Steps 2-3: one per WSS group (Step 3.3), then the final one over all of
-    Gamma (Step 3.4); class marginals over M_init (``params.marginal_rebalance``)."""
+    Gamma (Step 3.4); class marginals (``params.marginal_rebalance``) over ``sizes``, pixels per
+    class id: M_init's by default, a previous answer's in the size passes (ours)."""
+    sizes = state.init_counts if sizes is None else sizes
 
     def over(slots: np.ndarray) -> Transport:
-        marginal, kl = class_marginal(params.marginal_rebalance, state.classes[slots], state.init_counts, params.marginal_floor)
+        marginal, kl = class_marginal(params.marginal_rebalance, state.classes[slots], sizes, params.marginal_floor)
         return Transport(slots, marginal, kl)
 
     return [over(np.asarray(g)) for g in groups], over(np.arange(len(state.classes)))

@@ -11,7 +11,7 @@ import numpy as np
 import torch
 
 from ..params import DHRParams
-from .cap import cell_fractions, correlated_groups, heat_maps, minmax
+from .cap import cell_fractions, correlated_groups, heat_maps, minmax, posterior_support
 from .crf import ImageCRFs
 from .ot import transport
 from .pipeline import (
@@ -25,7 +25,7 @@ from .pipeline import (
     uses_groups,
 )
 from .resize import resize
-from .tensors import WORK, length_mask, to_device
+from .tensors import WORK, length_mask, to_device, to_host
 
 
 def grid_heat_maps(
@@ -40,10 +40,34 @@ def grid_heat_maps(
     are computed together (a dataset of one image size is one group). ``prototype_rows[b]``:
     the prototypes of image b's classes (G_b x D, numpy) or None, blended with ``weight``.
     """
-    device = weights.device
-    batch, g_max, n_max = weights.shape
+    batch, g_max, _ = weights.shape
     heat = torch.zeros_like(weights)
-    centroids = torch.zeros(batch, g_max, maps[0].shape[0], dtype=WORK, device=device)
+    centroids = torch.zeros(batch, g_max, maps[0].shape[0], dtype=WORK, device=weights.device)
+    for index, cells, features, weights_g, protos in _same_shapes(maps, grids, weights, prototype_rows):
+        heat[index, :, :cells], centroids[index] = heat_maps(features, weights_g, clip=clip, prototypes=protos, weight=weight)
+    return heat, centroids
+
+
+def grid_support(
+    maps: list[torch.Tensor], grids: list[tuple[int, int]], weights: torch.Tensor, cells: torch.Tensor, counts: list[int], *,
+    temperature: float, prior: float, prototype_rows: list | None = None, weight: float = 0.0,
+) -> torch.Tensor:
+    """The CAP weights of Steps 2-3 weighted by each class's posterior at the cell
+    (:func:`~.cap.posterior_support`, ours): ``[B, G, N]``, zero on padding. ``maps``: the USS
+    maps; the other arguments as :func:`grid_heat_maps`'s, ``cells`` and ``counts`` what is real."""
+    support = torch.zeros_like(weights)
+    real = length_mask(counts, weights.shape[1], weights.device)
+    for index, n, features, weights_g, protos in _same_shapes(maps, grids, weights, prototype_rows):
+        support[index, :, :n] = posterior_support(features, weights_g, real[index], temperature=temperature, prior=prior,
+                                                  prototypes=protos, weight=weight)
+    return support * cells[:, None, :]
+
+
+def _same_shapes(maps, grids, weights, prototype_rows):
+    """The images of a batch whose map and grid have the same shapes, together (a dataset of one
+    image size is one group): per group, the image indices, its cells, the maps ``[B_g, D, h_m,
+    w_m]``, its weights ``[B_g, G, h, w]`` and prototypes ``[B_g, G, D]`` (or None)."""
+    device, g_max = weights.device, weights.shape[1]
     groups: dict[tuple, list[int]] = {}
     for b, (m, grid) in enumerate(zip(maps, grids)):
         groups.setdefault((tuple(m.shape), tuple(grid)), []).append(b)
@@ -53,11 +77,7 @@ def grid_heat_maps(
         features = features[0][None] if len(members) == 1 else torch.stack(features)
         rows = None if prototype_rows is None else [prototype_rows[b] for b in members]
         protos = None if rows is None or all(r is None for r in rows) else _padded_rows(rows, g_max, features.shape[1], device)
-        maps_g, centroids_g = heat_maps(features, weights[index, :, : h * w].reshape(len(members), g_max, h, w), clip=clip,
-                                        prototypes=protos, weight=weight)
-        heat[index, :, : h * w] = maps_g
-        centroids[index] = centroids_g
-    return heat, centroids
+        yield index, h * w, features, weights[index, :, : h * w].reshape(len(members), g_max, h, w), protos
 
 
 def _padded_rows(rows: list, g_max: int, d: int, device) -> torch.Tensor:
@@ -91,21 +111,26 @@ def wss_heat_maps(states, grids, weights, cells, needed, clip: float, layer_rows
 def rebalance_heat(states: list[ImageState], params: DHRParams, crfs: ImageCRFs | None = None) -> None:
     """Steps 2-3.4: the heat maps H (G x h x w on each image's feature grid) and the groups.
 
-    Step 2: CAP of the USS features over M_init, cosine heat maps (ours: centroids blended
-    with class prototypes, the WSS maps mixed in). Step 3: groups of classes whose USS
-    centroids correlate above tau, ``H[G] *= f_OT(S_ws[G])`` per group, ``H *= f_OT(H)``,
-    min-max. Fills ``state.heat`` and ``state.groups`` (class ids).
+    Step 2: CAP of the USS features over M_init, cosine heat maps (ours: the CAP support
+    weighted by the class posterior, centroids blended with class prototypes, the WSS maps
+    mixed in). Step 3: groups of classes whose USS centroids correlate above tau,
+    ``H[G] *= f_OT(S_ws[G])`` per group, ``H *= f_OT(H)``, min-max (ours: again with the class
+    sizes of the previous answer, ``params.size_passes`` times). Fills ``state.heat`` and
+    ``state.groups`` (class ids).
     """
     steps, clip = params.steps, params.ot.minmax_clip
-    device = states[0].device
     grids = [feature_grid(s, params) for s in states]
+    counts = [len(s.classes) for s in states]
     weights, cells = cell_fractions([s.init for s in states], [s.classes for s in states], grids, mode=params.cap.value)
     rows = [prototype_rows(s, params) for s in states]  # ours: (USS, WSS layers) per image, or None
+    uss_rows = [r for r, _ in rows]
+    if params.weighs_support:  # ours: every CAP below pools over the posterior-weighted support
+        weights = grid_support([s.uss for s in states], grids, weights, cells, counts, temperature=params.support_temperature,
+                               prior=params.support_prior, prototype_rows=uss_rows, weight=params.prototype_weight)
     heat = centroids = None
     if steps.uss:  # Step 2
-        heat, centroids = grid_heat_maps([s.uss for s in states], grids, weights, clip=clip,
-                                         prototype_rows=[uss_rows for uss_rows, _ in rows], weight=params.prototype_weight)
-    counts = [len(s.classes) for s in states]
+        heat, centroids = grid_heat_maps([s.uss for s in states], grids, weights, clip=clip, prototype_rows=uss_rows,
+                                         weight=params.prototype_weight)
     groups = correlated_groups(centroids, counts, params.tau) if uses_groups(params) else [[] for _ in states]  # Step 3.1
     needed = [needs_wss_maps(g, params) for g in groups]
     s_ws = None
@@ -116,8 +141,23 @@ def rebalance_heat(states: list[ImageState], params: DHRParams, crfs: ImageCRFs 
     elif mixes_wss(params):  # ours: the WSS maps mixed into Step 2's
         w = params.wss_heat_weight
         heat = minmax((1.0 - w) * heat + w * s_ws, -1, clip, valid=cells[:, None, :])
-    plans = [rebalance_transports(s, g, params) for s, g in zip(states, groups)]
+    out = class_transports(states, groups, heat, s_ws, cells, grids, [s.init_counts for s in states], params)
+    for _ in range(params.size_pass_count):  # ours: again, with the class sizes of the previous answer
+        out = class_transports(states, groups, heat, s_ws, cells, grids, answer_counts(states, grids, out), params)
+    for b, (s, grid, g) in enumerate(zip(states, grids, groups)):
+        s.heat = out[b, : counts[b], : grid[0] * grid[1]].reshape(counts[b], *grid)
+        s.groups = [s.classes[m].tolist() for m in g]
+        s.warnings = list(dict.fromkeys(s.warnings))  # the passes may note one OT problem again
+
+
+def class_transports(states, groups, heat, s_ws, cells, grids, sizes, params: DHRParams) -> torch.Tensor:
+    """Steps 3.3-3.4 over a batch: ``H[G] *= f_OT(S_ws[G])`` per WSS group, ``H *= f_OT(H)``,
+    min-max; the ``area`` marginals count ``sizes[b]`` (pixels per class id). Returns the new
+    ``[B, G, N]`` (``heat`` is not modified); unconverged OT calls are noted on the states."""
+    device = heat.device
+    plans = [rebalance_transports(s, g, params, size) for s, g, size in zip(states, groups, sizes)]
     cells_of = [h * w for h, w in grids]
+    counts = [len(s.classes) for s in states]
     problems = [(b, call) for b, (calls, _) in enumerate(plans) for call in calls]  # Step 3.3
     if problems:
         slots = [torch.as_tensor(call.slots, device=device) for _, call in problems]
@@ -134,10 +174,21 @@ def rebalance_heat(states: list[ImageState], params: DHRParams, crfs: ImageCRFs 
         factor[b, : value.shape[0], : value.shape[1]] = value
         states[b].warnings += [note] if note else []
     valid = cells[:, None, :] & length_mask(counts, heat.shape[1], device)[:, :, None]
-    heat = minmax(heat * factor, -1, clip, valid=valid)
-    for b, (s, grid, g) in enumerate(zip(states, grids, groups)):
-        s.heat = heat[b, : counts[b], : cells_of[b]].reshape(counts[b], *grid)
-        s.groups = [s.classes[m].tolist() for m in g]
+    return minmax(heat * factor, -1, clip=params.ot.minmax_clip, valid=valid)
+
+
+def answer_counts(states: list[ImageState], grids: list[tuple[int, int]], heat: torch.Tensor) -> list[np.ndarray]:
+    """Pixels per class id (0..255) of each image's answer without a CRF: the argmax of its H
+    upsampled to the image (bilinear, float32 as :func:`final_mask` upsamples). One host copy
+    for the batch."""
+    counts = []
+    for b, (s, (h, w)) in enumerate(zip(states, grids)):
+        g = len(s.classes)
+        up = resize(heat[b, :g, : h * w].reshape(g, h, w).to(torch.float32), s.size)
+        ids = torch.as_tensor(s.classes, device=heat.device)[up.argmax(dim=0)]
+        counts.append(torch.bincount(ids.reshape(-1), minlength=256))
+    host = to_host(torch.stack(counts))
+    return list(host)
 
 
 def final_mask(states: list[ImageState], params: DHRParams, crfs: ImageCRFs | None) -> None:

@@ -6,7 +6,16 @@ import numpy as np
 import pytest
 import torch
 
-from dhr_label.core.cap import blend_centroids, cell_fractions, class_centroids, correlated_groups, cosine_maps, heat_maps, minmax
+from dhr_label.core.cap import (
+    blend_centroids,
+    cell_fractions,
+    class_centroids,
+    correlated_groups,
+    cosine_maps,
+    heat_maps,
+    minmax,
+    posterior_support,
+)
 from dhr_label.core.resize import resize
 
 # 4 x 4 mask over a 2 x 2 grid (2 x 2 pixels a cell); 255 = ignore.
@@ -175,3 +184,19 @@ def test_tau_one_gives_no_groups_even_for_parallel_centroids():
     for _ in range(50):
         v = torch.as_tensor(rng.normal(size=16))
         assert correlated_groups(torch.stack([v, 3 * v, v])[None], [3], 1.0) == [[]]
+
+
+def test_posterior_support_ignores_padded_class_slots():
+    # An image padded with a third, empty class slot (as in a batch) keeps its support: the padded
+    # slot takes no share of the posterior and gets no weight, even with a prior.
+    rng = np.random.default_rng(5)
+    features = torch.as_tensor(rng.normal(size=(1, 4, 3, 5)))
+    weights = torch.as_tensor(rng.random((1, 2, 3, 5)))
+    alone = posterior_support(features, weights, torch.tensor([[True, True]]), temperature=0.05, prior=0.1)
+    padded = torch.cat([weights, torch.zeros(1, 1, 3, 5, dtype=weights.dtype)], dim=1)
+    batch = posterior_support(features, padded, torch.tensor([[True, True, False]]), temperature=0.05, prior=0.1)
+    torch.testing.assert_close(batch[:, :2], alone, rtol=0, atol=1e-15)
+    assert torch.equal(batch[:, 2], torch.zeros_like(batch[:, 2]))
+    # with the prior, every real cell's posterior sums to one over the classes
+    posterior = alone / (weights.flatten(2) + 0.1)
+    torch.testing.assert_close(posterior.sum(dim=1), torch.ones(1, 15, dtype=torch.float64), rtol=0, atol=1e-12)

@@ -9,12 +9,13 @@ from dhr_label.core.cap import cell_fractions, l2_normalise
 from dhr_label.core.dhr import rebalance
 from dhr_label.core.pipeline import class_counts, new_state, present_classes
 from dhr_label.core.prototypes import Prototypes
-from dhr_label.core.rebalance import grid_heat_maps, guard_vanished, rebalance_heat
-from dhr_label.params import DHRParams, Steps
+from dhr_label.core.rebalance import grid_heat_maps, grid_support, guard_vanished, rebalance_heat
+from dhr_label.core.resize import resize
+from dhr_label.params import PAPER_STEPS_2_3, DHRParams, Steps
 
 from .scenes import two_halves_scene
 
-PAPER = DHRParams(prototype_weight=0.0, wss_heat_weight=0.0, guard=0.0)  # the paper's Steps 2-3
+PAPER = DHRParams(**PAPER_STEPS_2_3)  # the paper's Steps 2-3
 
 
 def _row(row: int, **changes) -> DHRParams:
@@ -84,11 +85,17 @@ def _scene(seed=3):
     return init, uss, wss, protos
 
 
-def _heat(init, uss, wss, params, protos=None):
+def _state(init, uss, wss=None, protos=None):
+    """A state after Step 1 whose M_init is ``init``."""
     state = new_state(None, np.zeros(0, np.int64), None, None, uss, wss, prototypes=protos)
     state.init = torch.as_tensor(init)
     state.init_counts = class_counts(state.init)
     state.classes = present_classes(state.init_counts)
+    return state
+
+
+def _heat(init, uss, wss, params, protos=None):
+    state = _state(init, uss, wss, protos)
     rebalance_heat([state], params)
     return state.heat.numpy()
 
@@ -113,6 +120,63 @@ def test_prototypes_and_the_wss_mix_change_the_heat_maps_of_full_dhr_only():
     np.testing.assert_array_equal(_heat(init, uss, None, row5.replace(wss_heat_weight=1.0)), _heat(init, uss, None, row5))
     # the prototypes live on the USS grid: WSS alone (row 6) keeps its own centroids
     np.testing.assert_array_equal(_heat(init, None, wss, row6.replace(prototype_weight=1.0), protos), _heat(init, None, wss, row6))
+
+
+def test_the_posterior_support_takes_a_mislabelled_block_out_of_the_class_centroid():
+    # M_init gives class 1 an 8 x 8 block of class 2's half (4 of its 28 cells): over M_init's
+    # fractions its centroid is (24 e1 + 4 e2) / 28 (cos to e1 0.986); the block's cells look like
+    # class 2 (cos 1 to e2 against 0.16 to class 1's centroid), so the posterior takes them out.
+    _, init, _, uss = two_halves_scene()
+    grid = uss.shape[1:]
+    state = _state(init, uss)
+    weights, cells = cell_fractions([state.init], [state.classes], [grid])
+    support = grid_support([torch.as_tensor(uss)], [grid], weights, cells, [2], temperature=0.05, prior=0.1)
+    e1 = torch.zeros(6, dtype=torch.float64)
+    e1[0] = 1.0
+    for w, floor, ceiling in ((weights, 0.97, 0.99), (support, 0.998, 1.0)):
+        _, centroids = grid_heat_maps([torch.as_tensor(uss)], [grid], w, clip=1e-5)
+        cosine = float(l2_normalise(centroids[0, 0], -1) @ e1)
+        assert floor < cosine <= ceiling
+    block = (slice(0, 2), slice(4, 6))  # the mislabelled block's cells
+    assert float(support[0, 0].reshape(grid)[block].max()) < 1e-3 < float(weights[0, 0].reshape(grid)[block].min())
+
+
+def test_a_high_temperature_without_prior_is_m_inits_support():
+    # The posterior tends to 1 / G everywhere: every class's support is M_init's, scaled, and a
+    # centroid is a weighted mean.
+    init, uss, wss, protos = _scene()
+    plain = _heat(init, uss, wss, PAPER, protos)
+    flat = _heat(init, uss, wss, PAPER.replace(support_temperature=1e9, support_prior=0.0), protos)
+    np.testing.assert_allclose(flat, plain, atol=1e-6)
+    assert not np.allclose(_heat(init, uss, wss, PAPER.replace(support_temperature=0.05), protos), plain, atol=1e-3)
+
+
+def test_size_passes_move_the_class_sizes_from_m_init_towards_the_features():
+    # M_init gives class 1 three quarters of the image, the features one quarter: the final OT
+    # keeps class 1 near M_init's share; each pass counts the previous answer instead.
+    rng = np.random.default_rng(0)
+    truth = np.full((32, 64), 2, np.uint8)
+    truth[:, :16] = 1
+    init = np.full((32, 64), 2, np.uint8)
+    init[:, :48] = 1
+    cells = truth[::4, ::4]
+    uss = np.stack([cells == 1, cells == 2]).astype(np.float32) + rng.normal(0, 0.05, (2, 8, 16)).astype(np.float32)
+    shares, right = [], []
+    for passes in (0, 1, 2, 4):
+        state = _state(init, uss)
+        rebalance_heat([state], PAPER.replace(steps=Steps.row(5), size_passes=passes))
+        answer = state.classes[resize(state.heat.float(), truth.shape).argmax(dim=0).numpy()]
+        shares.append((answer == 1).mean())
+        right.append((answer == truth).mean())
+    assert shares[0] > 0.7 and all(a > b for a, b in zip(shares, shares[1:]))
+    assert all(a < b for a, b in zip(right, right[1:]))
+
+
+def test_size_passes_need_the_area_marginal():
+    init, uss, wss, protos = _scene()
+    uniform = PAPER.replace(marginal_rebalance="uniform")
+    np.testing.assert_array_equal(_heat(init, uss, wss, uniform.replace(size_passes=3)), _heat(init, uss, wss, uniform))
+    assert not np.array_equal(_heat(init, uss, wss, PAPER.replace(size_passes=1)), _heat(init, uss, wss, PAPER))
 
 
 def test_heat_maps_of_maps_of_several_shapes_equal_each_image_alone():
