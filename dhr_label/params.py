@@ -178,6 +178,10 @@ class DHRParams:
     # M_init, then on the previous pass's answer (the argmax of its upsampled H): M_init's class
     # sizes are off by large factors on small classes. 0 = M_init's counts only (the paper, 0.4).
     size_passes: int = 2
+    # Ours (0.5): the upsampled H mixed with a per-image colour model of the classes before
+    # the final DenseCRF, (1 - w) H + w P(class | colour) (core/rebalance.py colour_posterior);
+    # 0 = H alone (the paper, 0.4). Only where the image is given.
+    colour_weight: float = 0.1
 
     def __post_init__(self) -> None:
         _coerce_enums(self)
@@ -213,6 +217,8 @@ class DHRParams:
             problems.append(f"WSS heat weight must be in [0, 1], got {self.wss_heat_weight}")
         if not self.support_temperature >= 0.0:
             problems.append(f"support temperature must be >= 0 (0 = off), got {self.support_temperature}")
+        if not 0.0 <= self.colour_weight <= 1.0:
+            problems.append(f"colour weight must be in [0, 1], got {self.colour_weight}")
         if not self.support_prior >= 0.0:
             problems.append(f"support prior must be >= 0, got {self.support_prior}")
         if isinstance(self.size_passes, bool) or not isinstance(self.size_passes, int) or self.size_passes < 0:
@@ -296,8 +302,10 @@ class DHRParams:
 
 #: Our additions to Steps 2-3 switched off, the paper's values (docs/algorithm.md, "Our additions
 #: to Steps 2-3"): ``DHRParams().replace(**PAPER_STEPS_2_3)``; on the command line
-#: ``--prototype-weight 0 --wss-heat-weight 0 --guard 0 --support-temperature 0 --size-passes 0``.
-PAPER_STEPS_2_3 = {"prototype_weight": 0.0, "wss_heat_weight": 0.0, "guard": 0.0, "support_temperature": 0.0, "size_passes": 0}
+#: ``--prototype-weight 0 --wss-heat-weight 0 --guard 0 --support-temperature 0 --size-passes 0
+#: --colour-weight 0``.
+PAPER_STEPS_2_3 = {"prototype_weight": 0.0, "wss_heat_weight": 0.0, "guard": 0.0, "support_temperature": 0.0, "size_passes": 0,
+                   "colour_weight": 0.0}
 
 
 def _coerce_enums(instance) -> None:

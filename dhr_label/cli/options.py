@@ -14,6 +14,7 @@ PARAM_OPTIONS = {
     "guard-max-share": "guard_max_share", "guard-support": "guard_support", "ignore-below": "ignore_below",
     "prototype-weight": "prototype_weight", "wss-heat-weight": "wss_heat_weight",
     "support-temperature": "support_temperature", "support-prior": "support_prior", "size-passes": "size_passes",
+    "colour-weight": "colour_weight",
     "ot": "steps.ot", "crf": "steps.crf", "uss": "steps.uss", "wss": "steps.wss",
 }
 

@@ -194,6 +194,7 @@ def refine_command(
     support_temperature: Annotated[Optional[float], typer.Option("--support-temperature", help=f"Ours: each class's Step 2/3 centroid pools M_init's cells weighted by the class's posterior over the image's classes, the softmax of the cells' USS cosines to the centroids over this temperature; 0 = M_init's cells alone, the paper (docs/algorithm.md) [default: {_D.support_temperature}].", show_default=False)] = None,
     support_prior: Annotated[Optional[float], typer.Option("--support-prior", help=f"Ours: with --support-temperature, added to M_init's cell fractions before the posterior, so that cells outside a class's M_init region count a little where they look like it [default: {_D.support_prior}].", show_default=False)] = None,
     size_passes: Annotated[Optional[int], typer.Option("--size-passes", help=f"Ours: Step 3's OT calls run again this many times with the class sizes (area marginal) of the previous answer instead of M_init's; 0 = M_init's, the paper [default: {_D.size_passes}].", show_default=False)] = None,
+    colour_weight: Annotated[Optional[float], typer.Option("--colour-weight", help=f"Ours: the upsampled heat maps are mixed with this weight of a colour model of the classes pooled from the image itself before the final DenseCRF; 0 = the heat maps alone, the paper [default: {_D.colour_weight}].", show_default=False)] = None,
     ignore_below: Annotated[Optional[float], typer.Option("--ignore-below", help=f"Ours: label 255 (ignore) where the final DenseCRF's maximum marginal is below P (trainers skip 255); 0 = off [default: {_D.ignore_below}].", show_default=False)] = None,
 ) -> None:
     """Refine the pseudo-masks of every image with DHR and write <out>/<id>.png.
@@ -239,6 +240,7 @@ def refine_command(
             "guard_support": guard_support,
             "ignore_below": ignore_below, "prototype_weight": prototype_weight, "wss_heat_weight": wss_heat_weight,
             "support_temperature": support_temperature, "support_prior": support_prior, "size_passes": size_passes,
+            "colour_weight": colour_weight,
         },
     )
     if params.steps.needs_features and feats is None:

@@ -193,16 +193,19 @@ def answer_counts(states: list[ImageState], grids: list[tuple[int, int]], heat: 
 
 def final_mask(states: list[ImageState], params: DHRParams, crfs: ImageCRFs | None) -> None:
     """Step 3.5: H upsampled to each image (bilinear), the second DenseCRF (the argmax of H
-    without one), class ids; then ours: the guard and ignore-below.
+    without one), class ids; ours: a colour posterior mixed into H before the CRF
+    (``colour_weight``, where the image is given), then the guard (over H) and ignore-below.
 
     Fills ``mask`` (M_dh) and ``confidence`` (the CRF's maximum marginal per pixel; None without
     a CRF).
     """
     ups = [resize(s.heat.to(torch.float32), s.size) for s in states]  # float32, as the CRF takes it (seed.seed_channels)
-    marginals = crfs.marginals(ups) if crfs is not None else None
+    w = params.colour_weight
+    probs = [up if w == 0 or s.image is None else (1.0 - w) * up + w * colour_posterior(s.image, up) for s, up in zip(states, ups)]
+    marginals = crfs.marginals(probs) if crfs is not None else None
     for b, (s, up) in enumerate(zip(states, ups)):
         classes = torch.as_tensor(s.classes, device=up.device)
-        confidence, winner = (marginals[b].max(dim=0) if marginals is not None else (None, up.argmax(dim=0)))
+        confidence, winner = (marginals[b].max(dim=0) if marginals is not None else (None, probs[b].argmax(dim=0)))
         mask = classes[winner].to(torch.uint8)
         if params.guard > 0:
             mask = guard_vanished(mask, s.init, classes, params.guard, max_share=params.guard_max_share,
@@ -210,6 +213,53 @@ def final_mask(states: list[ImageState], params: DHRParams, crfs: ImageCRFs | No
         if params.ignore_below > 0 and confidence is not None:
             mask = torch.where(confidence < params.ignore_below, IGNORE, mask).to(torch.uint8)
         s.mask, s.confidence = mask, confidence
+
+
+#: RGB cells per channel of :func:`colour_posterior` (16^3 cells; 8 and 32 scored alike).
+COLOUR_BINS = 16
+#: Fixed-point scale of the heat weights in its histograms: integer sums are exact in any order
+#: (a device's atomic float adds are not), so a mask does not depend on its batch or device.
+_HEAT_SCALE = 2**24
+
+
+def colour_posterior(image: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """Each pixel's posterior over Gamma under a colour model of the classes pooled from the
+    image itself (ours, 0.5; ``colour_weight``).
+
+    Every pixel's RGB falls in one of ``COLOUR_BINS ** 3`` cells. Class k's histogram counts the
+    pixels where k wins the upsampled heat maps ``up``, each weighted by its heat; every
+    histogram is normalised (classes count alike, not by size) and smoothed by one pixel's
+    worth spread over the cells; then ``P(k | cell) = h_k[cell] / sum_j h_j[cell]``. The DenseCRF
+    sees colour only pairwise (neighbours of similar colour agree); this is a unary term at
+    full resolution, for thin classes the feature grids do not resolve.
+
+    Parameters
+    ----------
+    image : tensor, shape (H, W, 3), uint8
+    up : tensor, shape (G, H, W), float
+        H upsampled to the image, in [0, 1].
+
+    Returns
+    -------
+    tensor, shape (G, H, W), the dtype of ``up``; sums to 1 over G at every pixel.
+
+    Examples
+    --------
+    >>> image = torch.tensor([[[0, 0, 0], [0, 0, 0], [250, 250, 250]]], dtype=torch.uint8)
+    >>> up = torch.tensor([[[1.0, 0.0, 0.0]], [[0.0, 1.0, 1.0]]])
+    >>> [round(v, 4) for v in colour_posterior(image, up)[:, 0, 0].tolist()]  # (1 + 1/4096) / (1.5 + 2/4096)
+    [0.6666, 0.3334]
+    """
+    g, n = up.shape[0], COLOUR_BINS**3
+    q = image.long() * COLOUR_BINS // 256
+    cell = ((q[..., 0] * COLOUR_BINS + q[..., 1]) * COLOUR_BINS + q[..., 2]).reshape(-1)
+    heat, winner = up.reshape(g, -1).max(dim=0)
+    weights = (heat.double() * _HEAT_SCALE).round().long()
+    hist = torch.zeros(g * n, dtype=torch.int64, device=up.device).index_add_(0, winner * n + cell, weights)
+    hist = hist.reshape(g, n).double()
+    hist = hist / hist.sum(dim=1, keepdim=True).clamp(min=1.0) + 1.0 / n
+    posterior = hist / hist.sum(dim=0, keepdim=True)
+    return posterior[:, cell].reshape(up.shape).to(up.dtype)
 
 
 def guard_vanished(

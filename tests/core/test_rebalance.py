@@ -291,3 +291,38 @@ def test_guard_parameters_are_checked():
         DHRParams(guard=1.5)
     with pytest.raises(ValueError, match="guard max share"):
         DHRParams(guard_max_share=0.0)
+
+
+def _stripe_state():
+    """A red stripe (class 1, columns 10-11) on grey (class 2); H on a 4 x 8 grid gives class 1
+    the whole cell column 2 (pixels 8-11), so upsampled it spreads over grey pixels around it."""
+    image = np.full((16, 32, 3), 128, dtype=np.uint8)
+    image[:, 10:12] = (200, 30, 30)
+    truth = np.full((16, 32), 2, dtype=np.uint8)
+    truth[:, 10:12] = 1
+    heat = np.zeros((2, 4, 8))
+    heat[0, :, 2] = 1.0
+    heat[1] = 0.6
+    state = _state(truth, None)
+    state.image, state.heat = torch.as_tensor(image), torch.as_tensor(heat)
+    return state, truth
+
+
+def test_the_colour_posterior_takes_back_what_the_upsampling_spread():
+    wrong = []
+    for weight in (0.0, 0.5, 1.0):
+        state, truth = _stripe_state()
+        stage.final_mask([state], PAPER.replace(colour_weight=weight), None)  # no CRF: the argmax
+        wrong.append(int((state.mask.numpy() != truth).sum()))
+    # heat alone: class 1's upsampled heat (1 - |x_src - 2|, x_src = (x + 0.5) / 4 - 0.5) beats 0.6 on
+    # columns 8-11, two grey columns too; colour alone: exactly the stripe
+    assert wrong == [2 * 16, 0, 0]
+
+
+def test_the_colour_posterior_needs_the_image():
+    state, _ = _stripe_state()
+    state.image = None  # Steps 2-3 alone (dhr.rebalance): nothing to pool colours from
+    stage.final_mask([state], PAPER.replace(colour_weight=1.0), None)
+    alone, _ = _stripe_state()
+    stage.final_mask([alone], PAPER, None)
+    assert torch.equal(state.mask, alone.mask)
