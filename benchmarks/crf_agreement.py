@@ -20,7 +20,7 @@ values, which is why the end-to-end figures are not all 0).
 
 Usage::
 
-    python benchmarks/crf_agreement.py /work/shared/data/camvid-val --images 101 --generated 6 --json agreement.json
+    python benchmarks/crf_agreement.py camvid-val --images 101 --generated 6 --json agreement.json
 """
 from __future__ import annotations
 
@@ -206,7 +206,7 @@ def print_summary(s: dict, *, show_images: bool) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("data", type=Path, help="directory with cams.h5 and feats.h5 (e.g. /work/shared/data/camvid-val)")
+    parser.add_argument("data", type=Path, help="directory with cams.h5 and feats.h5 (e.g. camvid-val/)")
     parser.add_argument("--images", type=int, default=None, help="CamVid images to use (default: all)")
     parser.add_argument("--generated", type=int, default=4, help="generated scenes per size (333x500, 427x640); 0 = none")
     parser.add_argument("--device", default="cpu", help="torch device of the torch CRF (cpu, cuda, ...)")

@@ -24,7 +24,7 @@ plus noise (as ``crf_agreement.py``).
 
 Usage::
 
-    python benchmarks/crf_speed.py --data /work/shared/data/camvid-val --images 3 --json speed.json
+    python benchmarks/crf_speed.py --data camvid-val --images 3 --json speed.json
     python benchmarks/crf_speed.py --images 2 --skip-cuda          # a few minutes on a small CPU
 """
 from __future__ import annotations

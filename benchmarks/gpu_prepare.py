@@ -18,7 +18,7 @@ into one folder that travels with the tree (``.gpu/``, git-ignored):
 
 Usage::
 
-    python benchmarks/gpu_prepare.py /work/shared/data/camvid-val .gpu            # ~5 min, ~25 MB
+    python benchmarks/gpu_prepare.py camvid-val .gpu            # ~5 min, ~25 MB
     python benchmarks/gpu_prepare.py DATA DIR --images 3 --calls 2 --crop 48x64 --crf-iters 3   # rehearsal
 """
 from __future__ import annotations

@@ -8,7 +8,7 @@ kernels are designed to give the same marginals bit for bit, so 100 % is expecte
 
 Usage::
 
-    python benchmarks/kernels_agreement.py /work/shared/data/camvid-val --images 3 --json kernels.json
+    python benchmarks/kernels_agreement.py camvid-val --images 3 --json kernels.json
 """
 from __future__ import annotations
 
