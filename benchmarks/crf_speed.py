@@ -49,7 +49,6 @@ import speed  # noqa: E402, I001  (the machine facts, one place)
 
 CPU_SCALES = (("CamVid", 360, 480, 11), ("COCO", 480, 640, 7))
 CUDA_SCALES = (("480x360", 360, 480, 11), ("640x480", 480, 640, 7))
-DEFAULT_DATA = Path("/work/shared/data/camvid-val")
 
 
 def log(*args) -> None:
@@ -223,8 +222,8 @@ def cuda_throughput(data: Path | None, batch_sizes: list[int], params: CRFParams
 # ----------------------------------------------------------------------------------------------
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--data", type=Path, default=DEFAULT_DATA if (DEFAULT_DATA / "cams.h5").is_file() else None,
-                        help="a dhr-label directory whose photos are used (default: CamVid val when present)")
+    parser.add_argument("--data", type=Path, default=None,
+                        help="a dhr-label directory whose photos are used (e.g. camvid-val; default: generated images)")
     parser.add_argument("--images", type=int, default=3, help="images per scale for the CPU comparison")
     parser.add_argument("--batch-sizes", default="1,4,16", help="CUDA batch sizes, comma-separated")
     parser.add_argument("--repeats", type=int, default=3, help="timed CUDA runs per batch size (median)")

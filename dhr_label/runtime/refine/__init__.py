@@ -1,5 +1,5 @@
 """The ``refine`` command's engine: the run (:mod:`.run`), its two executors — per image on CPU
-workers (:mod:`.cpu`), in batches on a device (:mod:`.device`) — and what decides a mask
+workers (:mod:`.images`), in batches on a device (:mod:`.batches`) — and what decides a mask
 (:mod:`.fingerprint`)."""
 from .run import MixedDirectory, RefineReport, RefineRequest, run_refine
 

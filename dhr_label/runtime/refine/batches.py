@@ -1,4 +1,4 @@
-"""The batches executor of ``refine`` (``--device cuda``, or ``--executor batches``): the whole
+"""The batches executor of ``refine`` (``--device cuda``; ``RefineRequest(executor="batches")`` on any device): the whole
 of DHR on a device, many images at a time.
 
 ::

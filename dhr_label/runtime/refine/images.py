@@ -1,4 +1,4 @@
-"""The images executor of ``refine`` (``--executor images``, the CPU's): one image at a time per
+"""The images executor of ``refine`` (the CPU's; ``RefineRequest(executor="images")`` on any device): one image at a time per
 worker process (or Dask worker), each a batch of one through the stages.
 
 Workers receive a :class:`RefineJob` (small, picklable) and chunks of ids; each process opens
