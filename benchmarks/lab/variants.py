@@ -117,6 +117,8 @@ def mask_of(img: Image, spec: str, crf: bool, model=None) -> np.ndarray:
     if state.next is Stage.FINAL_MASK:
         crfs = img.crf(params) if crf else None
         if parsed.final.get("colour", 0) > 0:
+            if params.colour_weight > 0:  # the package's own colour model (0.5) would mix in twice
+                raise ValueError(f"{spec}: f.colour on top of the package's colour model; add p.colour_weight=0")
             crfs = ColourCRFs(crfs, [state], **parsed.final)
         final_mask([state], params, crfs)
         advance(state, params)
