@@ -12,6 +12,7 @@ same heat maps (checked by ``run.py --check``). A hook replaces one piece:
 """
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -30,6 +31,9 @@ class Hooks:
     centroids: Callable | None = None
     term: Callable | None = None
     marginal_mask: np.ndarray | None = None  # the mask the area marginal counts (default M_init)
+    final_ot: bool = True  # False: stop before Step 3.4's OT (H = the mixed heat maps, min-max)
+    shares: Callable | None = None  # (class ids, counts on the marginal mask) -> the class marginal
+    kl: bool = False  # the area marginal KL-relaxed (weight params.marginal_kl)
 
 
 def blended(features: np.ndarray, weights: np.ndarray, protos: np.ndarray | None, blend: float) -> np.ndarray:
@@ -84,12 +88,23 @@ def rebalance_heat(state: ImageState, params: DHRParams, hooks: Hooks = Hooks())
         extra, weight = hooks.term(grid)
         if weight > 0:
             heat = minmax_rows((1.0 - weight) * heat + weight * extra, clip)
+    if not hooks.final_ot:
+        return heat.reshape(len(state.classes), *grid)
     if hooks.marginal_mask is not None:
         saved, state.init = state.init, hooks.marginal_mask
         calls, final = rebalance_transports(state, groups, params)
         state.init = saved
     else:
         calls, final = rebalance_transports(state, groups, params)
+    if hooks.shares is not None:
+        mask = state.init if hooks.marginal_mask is None else hooks.marginal_mask
+        counts = np.bincount(mask.ravel(), minlength=256).astype(np.float64)
+        calls = [dataclasses.replace(c, marginal=hooks.shares(state.classes[c.slots], counts[state.classes[c.slots]]))
+                 for c in calls]
+        final = dataclasses.replace(final, marginal=hooks.shares(state.classes, counts[state.classes]))
+    if hooks.kl:
+        calls = [dataclasses.replace(c, kl=True) for c in calls]
+        final = dataclasses.replace(final, kl=True)
     for call in calls:
         heat[call.slots] = heat[call.slots] * transport(s_ws[call.slots], call, params)
     heat = minmax_rows(heat * transport(heat, final, params), clip)

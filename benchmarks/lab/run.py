@@ -72,11 +72,7 @@ def run(ds: common.DataSet, specs: list[str], crf: bool, workers: int, limit: in
         else:
             todo.append(spec)
     if todo:
-        extra = {}
-        for spec in todo:
-            prepare = getattr(variants.REGISTRY[variants.parse(spec)[0]][0], "prepare", None)
-            if prepare is not None:
-                extra.update(prepare(ds))
+        extra = {spec: variants.prepare(ds, spec) for spec in todo}  # dataset-level state, before the fork
         _JOB.update(ds=ds, todo=todo, crf=crf, preset=preset, prototypes=common.prototypes(ds), extra=extra)
         chunks = [ids[i : i + 2] for i in range(0, len(ids), 2)]
         t0 = time.perf_counter()
