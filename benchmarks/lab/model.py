@@ -75,6 +75,13 @@ def pooling_weights(ds, img, source: str, num_classes: int) -> np.ndarray:
     ``SRC*score<P>``: a mask source's fractions times the tags' seed scores to the power P."""
     state = img.state
     grid = state.uss.shape[1:]
+    if source.startswith("peak"):  # the tags' cells whose seed score reaches the threshold
+        up = np.clip(resize_bilinear(state.scores, grid).reshape(len(state.labels), -1), 0, 1)
+        weights = class_cell_fractions(state.base, np.arange(num_classes), grid).astype(np.float64)
+        weights[state.labels] = (up >= float(source[4:])).astype(np.float64)
+        if state.background is not None:  # the background where no tag's seed reaches it
+            weights[state.background] *= up.max(0) < float(source[4:])
+        return weights
     if "score" not in source:
         return class_cell_fractions(source_mask(ds, img, source), np.arange(num_classes), grid).astype(np.float64)
     mask_source, _, power = source.partition("score")

@@ -18,6 +18,7 @@ from dhr_label.core.pipeline import prototype_rows
 from dhr_label.core.resize import resize_bilinear
 from dhr_label.params import DHRParams
 
+import final as lab_final
 import heat as lab_heat
 from centroids import em_class_model, shrunk_centroids
 import model as lab_model
@@ -79,7 +80,10 @@ def mask_of(img: Image, spec: str, crf: bool) -> np.ndarray:
     fn = REGISTRY[name][0]
     if hasattr(fn, "prepare"):
         options["model"] = img.extra[spec]
+    final = {k[2:]: options.pop(k) for k in list(options) if k.startswith("f.")}
     heat = fn(img, params, **options)
+    if final:  # the lab's Step 3.5 (final.py): a colour model mixed in before the CRF
+        return lab_final.final_mask(heat, state.classes, state.init, state.image, params, img.image_crf() if crf else None, **final)
     mask, _ = dhr.final_mask(heat, state.classes, state.init, params, img.image_crf() if crf else None)
     return mask
 
@@ -284,14 +288,28 @@ proto_purified.prepare = lambda ds, src="base", t=0.05, iters=2, space="uss", **
 # --------------------------------------------------------------------------------------------
 # The class model: support (M_init, soft posterior) x estimator (fixed blend, shrinkage)
 # --------------------------------------------------------------------------------------------
-def cm_weights(img: Image, params: DHRParams, sup: str, t: float, iters: int, prior: float):
+def all_cosines(img: Image, params: DHRParams, weights: np.ndarray) -> np.ndarray:
+    """The mean over USS and the WSS layers of the cosines to the (blended) centroids, G x N."""
+    state = img.state
+    grid = state.uss.shape[1:]
+    cos = uss_cosines(img, params, weights)
+    _, wss_protos = prototype_rows(state, params)
+    for index, layer in enumerate(state.wss):
+        feats = resize_bilinear(layer, grid).reshape(layer.shape[0], -1)
+        proto = None if wss_protos is None else wss_protos[index]
+        cos = cos + cosine_maps(feats, lab_heat.blended(feats, weights, proto, params.prototype_weight))
+    return cos / (1 + len(state.wss))
+
+
+def cm_weights(img: Image, params: DHRParams, sup: str, t: float, iters: int, prior: float, space: str = "uss"):
     if sup == "init":
         return None
+    cosines = uss_cosines if space == "uss" else all_cosines
 
     def weights(grid, default):
         w = default
         for _ in range(iters):
-            w = ((default + prior) * posterior(uss_cosines(img, params, w), t)).astype(np.float32)
+            w = ((default + prior) * posterior(cosines(img, params, w), t)).astype(np.float32)
         return w
     return weights
 
@@ -453,3 +471,74 @@ def image_rounds(img: Image, params: DHRParams, rounds: int = 1, m: float = 1.0,
             return ((1 - m) * default + m * class_cell_fractions(pred, state.classes, grid, mode=params.cap.value)).astype(np.float32)
         heat = lab_heat.rebalance_heat(state, params, lab_heat.Hooks(weights=weights, marginal_mask=pred if area == "pred" else None))
     return heat
+
+
+# --------------------------------------------------------------------------------------------
+# The dataset's own discriminative class model, the CAMs, as a heat-map term
+# --------------------------------------------------------------------------------------------
+def cam_maps(img: Image, params: DHRParams, grid, src: str) -> np.ndarray:
+    """Gamma's CAM evidence on the grid, G x N in [0, 1]: Step 1's OT seed scores (``src``
+    scores) or the ReLU'd, max-normalised CAMs (cam), bilinear; the background (no CAM) gets
+    ``(1 - max_k A_k) ** gamma`` as Step 1 gives it; a class without either, 0."""
+    state = img.state
+    if src == "scores":
+        a = state.scores
+    else:
+        a = np.maximum(state.cam.astype(np.float32), 0)
+        a = a / np.maximum(a.reshape(len(a), -1).max(1), 1e-5)[:, None, None]
+    up = np.clip(resize_bilinear(a, grid).reshape(len(state.labels), -1), 0, 1)
+    out = np.zeros((len(state.classes), up.shape[1]), np.float32)
+    for g, c in enumerate(state.classes.tolist()):
+        hit = np.flatnonzero(state.labels == c)
+        if len(hit):
+            out[g] = up[hit[0]]
+        elif c == state.background:
+            out[g] = np.clip(1 - up.max(0), 0, 1) ** params.gamma
+    return out
+
+
+@variant("camterm")
+def cam_term(img: Image, params: DHRParams, w: float = 0.2, src: str = "scores") -> np.ndarray:
+    """Step 2's heat maps mixed (weight ``w``) with the CAM evidence of ``cam_maps``."""
+    return lab_heat.rebalance_heat(img.state, params, lab_heat.Hooks(term=lambda grid: (minmax(cam_maps(img, params, grid, src), -1), w)))
+
+
+# --------------------------------------------------------------------------------------------
+# Combinations
+# --------------------------------------------------------------------------------------------
+@variant("combo")
+def combo(img: Image, params: DHRParams, sup: str = "init", t: float = 0.05, prior: float = 0.1, iters: int = 0,
+          rounds: int = 0, m: float = 1.0, cam: float = 0.0, model=None) -> np.ndarray:
+    """Support ``sup`` (init | soft: the Gamma posterior at temperature ``t`` with ``prior`` |
+    lda: the base-mask discriminant's posterior), then ``iters`` passes that count the area
+    marginal on the previous pass's argmax (marg:src=heat), ``rounds`` passes that pool the
+    centroids over the previous answer (round, share ``m``), ``cam`` > 0 mixes the seed scores
+    into Step 2's heat maps (camterm)."""
+    state = img.state
+    grid = state.uss.shape[1:]
+    if sup in ("soft", "softall"):
+        support = cm_weights(img, params, "soft", t, 1, prior, "uss" if sup == "soft" else "all")
+    elif sup == "lda":
+        post = lab_model.image_posterior(model, state, "uss")
+        support = lambda g, default: (default * post).astype(np.float32)  # noqa: E731
+    else:
+        support = None
+    term = (lambda g: (minmax(cam_maps(img, params, g, "scores"), -1), cam)) if cam > 0 else None
+    hooks = lab_heat.Hooks(weights=support, term=term)
+    heat = lab_heat.rebalance_heat(state, params, hooks)
+    area = None
+    for _ in range(iters):
+        area = state.classes[np.argmax(resize_bilinear(heat, state.init.shape), axis=0)].astype(np.uint8)
+        heat = lab_heat.rebalance_heat(state, params, dataclasses.replace(hooks, marginal_mask=area))
+    for _ in range(rounds):
+        pred = state.classes[np.argmax(resize_bilinear(heat, state.init.shape), axis=0)].astype(np.uint8)
+        pred[state.init == 255] = 255
+
+        def weights(g, default, pred=pred):
+            mixed = (1 - m) * default + m * class_cell_fractions(pred, state.classes, g, mode=params.cap.value)
+            return mixed if support is None else support(g, mixed)
+        heat = lab_heat.rebalance_heat(state, params, dataclasses.replace(hooks, weights=weights, marginal_mask=area))
+    return heat
+
+
+combo.prepare = lambda ds, sup="init", **_: lab_model.fit_lda(ds, "base", "uss", 0.9, 0.1) if sup == "lda" else None
