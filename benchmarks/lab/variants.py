@@ -51,6 +51,8 @@ def parse(spec: str) -> tuple[str, dict, dict]:
 
 
 def _value(text: str):
+    if text in ("true", "false"):
+        return text == "true"
     for kind in (int, float):
         try:
             return kind(text)
@@ -516,7 +518,9 @@ def combo(img: Image, params: DHRParams, sup: str = "init", t: float = 0.05, pri
     into Step 2's heat maps (camterm)."""
     state = img.state
     grid = state.uss.shape[1:]
-    if sup in ("soft", "softall"):
+    if not params.steps.uss:  # the support is the USS posterior (winner.py): rows without USS keep M_init's
+        support = None
+    elif sup in ("soft", "softall"):
         support = cm_weights(img, params, "soft", t, 1, prior, "uss" if sup == "soft" else "all")
     elif sup == "lda":
         post = lab_model.image_posterior(model, state, "uss")
